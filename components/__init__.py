@@ -1,0 +1,1 @@
+"""dstack-vpn: a WireGuard hub-and-spoke network as a Pulumi program."""

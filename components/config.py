@@ -1,0 +1,367 @@
+"""Stack config -> typed, validated values.
+
+Everything here is pure: `parse()` takes the raw stack config (key -> text, as
+Pulumi hands it to the program) and returns a `NetworkConfig` or raises
+`ConfigError` naming the setting and what is allowed.  Nothing is registered
+with Pulumi before this has passed, so bad input never touches a host or the
+cloud.  Error messages never quote a secret value.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PROJECT = "dstack-vpn"
+
+# dstack CVMs use these for their own networking (dstack-wg0 and the VM net).
+DSTACK_RESERVED = (ipaddress.ip_network("10.0.2.0/24"), ipaddress.ip_network("10.0.0.0/24"))
+DSTACK_WG_PORT = 9182
+DSTACK_INTERFACE = "dstack-wg0"
+
+HUB_NAME = "hub"
+SPOKE_KINDS = ("ssh", "droplet")
+# First spoke address is .11 (hub .1), as in the spec's example plan.
+FIRST_SPOKE_HOST = 11
+
+# A name becomes part of resource names, droplet hostnames and file names.
+NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+# Linux interface names: at most 15 bytes, no slash or whitespace.
+INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+SSH_PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( \S.*)?$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+TOP_LEVEL_KEYS = {
+    "overlayCidr", "listenPort", "interface", "statusPort",
+    "hubRegion", "hubSize", "hubImage", "adminCidrs", "adminSshKeys",
+    "spokes", "nodeSecrets", "sshPrivateKey",
+}
+SPOKE_KEYS = {
+    "name", "kind", "address", "host", "port", "user", "hostKey",
+    "allowUnknownHostKey", "presharedKey", "keyRotation", "region", "size", "image",
+}
+NODE_SECRET_KEYS = {"sshPrivateKey", "wireguardPrivateKey"}
+SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey"}
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    region: str
+    size: str
+    image: str
+    address: str
+    wireguard_private_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SpokeConfig:
+    name: str
+    kind: str
+    address: str
+    host: str | None = None
+    port: int = 22
+    user: str = "root"
+    host_key: str | None = None
+    allow_unknown_host_key: bool = False
+    preshared_key: bool = True
+    key_rotation: int = 0
+    region: str | None = None
+    size: str | None = None
+    image: str | None = None
+    ssh_private_key: str | None = field(default=None, repr=False)
+    wireguard_private_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    overlay: str
+    listen_port: int
+    interface: str
+    status_port: int
+    admin_cidrs: tuple[str, ...]
+    admin_ssh_keys: tuple[str, ...]
+    hub: HubConfig
+    spokes: tuple[SpokeConfig, ...]
+    ssh_private_key: str | None = field(default=None, repr=False)
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.ip_network(self.overlay).prefixlen
+
+
+def _decode(key: str, text: str | None, default: Any) -> Any:
+    """Config values arrive as text; structured ones as JSON text."""
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _want(setting: str, value: Any, kind: type | tuple, what: str) -> Any:
+    if isinstance(value, bool) and kind in (int, (int,)):
+        raise ConfigError(f"{setting}: expected {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{setting}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _port(setting: str, value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    _want(setting, value, int, "a port number 1-65535")
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{setting}: port {value} is out of range; allowed 1-65535")
+    return value
+
+
+def _name(setting: str, value: Any) -> str:
+    _want(setting, value, str, "a name")
+    if not NAME_RE.match(value):
+        raise ConfigError(
+            f"{setting}: {value!r} cannot be used in resource names and hostnames; "
+            "use 1-32 lowercase letters, digits and '-', starting with a letter, not ending with '-'")
+    return value
+
+
+def _unknown(setting: str, given: Mapping[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(given) - allowed)
+    if extra:
+        raise ConfigError(
+            f"{setting}: unknown setting {', '.join(repr(e) for e in extra)}; "
+            f"allowed: {', '.join(sorted(allowed))}")
+
+
+def wireguard_key(setting: str, value: Any) -> str:
+    """A WireGuard key is base64 of exactly 32 bytes. The value is never quoted."""
+    _want(setting, value, str, "a base64 WireGuard key")
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{setting}: not a valid WireGuard key (base64 of 32 bytes, as `wg genkey` prints)")
+    return value.strip()
+
+
+def _ssh_private_key(setting: str, value: Any) -> str:
+    _want(setting, value, str, "an OpenSSH private key")
+    if "PRIVATE KEY-----" not in value:
+        raise ConfigError(f"{setting}: not an SSH private key in PEM/OpenSSH form")
+    return value if value.endswith("\n") else value + "\n"
+
+
+def _overlay(value: Any) -> ipaddress.IPv4Network:
+    _want("overlayCidr", value, str, "an IPv4 CIDR such as 10.88.0.0/24")
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as err:
+        raise ConfigError(f"overlayCidr: {value!r} is not a network in CIDR form ({err})") from None
+    if net.version != 4 or not net.is_private or net.is_loopback or net.is_link_local:
+        raise ConfigError(f"overlayCidr: {value!r} must be a private IPv4 network (10/8, 172.16/12, 192.168/16)")
+    for reserved in DSTACK_RESERVED:
+        if net.overlaps(reserved):
+            raise ConfigError(f"overlayCidr: {value!r} overlaps dstack's own {reserved}; choose e.g. 10.88.0.0/24")
+    if net.prefixlen > 29:
+        raise ConfigError(f"overlayCidr: {value!r} is too small; use /29 or larger")
+    return net
+
+
+def _cidrs(setting: str, value: Any) -> tuple[str, ...]:
+    _want(setting, value, list, "a list of CIDRs")
+    out = []
+    for i, item in enumerate(value):
+        _want(f"{setting}[{i}]", item, str, "a CIDR")
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=True)))
+        except ValueError as err:
+            raise ConfigError(f"{setting}[{i}]: {item!r} is not a valid CIDR ({err})") from None
+    return tuple(out)
+
+
+def _ssh_public_keys(setting: str, value: Any) -> tuple[str, ...]:
+    _want(setting, value, list, "a list of SSH public keys")
+    for i, item in enumerate(value):
+        _want(f"{setting}[{i}]", item, str, "an SSH public key")
+        if not SSH_PUBLIC_KEY_RE.match(item.strip()):
+            raise ConfigError(f"{setting}[{i}]: not an SSH public key ('ssh-ed25519 AAAA...')")
+    return tuple(v.strip() for v in value)
+
+
+def parse(raw: Mapping[str, str]) -> NetworkConfig:
+    """Validate the raw stack config of this project (keys without namespace)."""
+    _unknown("config", raw, TOP_LEVEL_KEYS)
+    overlay = _overlay(_decode("overlayCidr", raw.get("overlayCidr"), "10.88.0.0/24"))
+    listen_port = _port("listenPort", _decode("listenPort", raw.get("listenPort"), 51820))
+    if listen_port == DSTACK_WG_PORT:
+        raise ConfigError(f"listenPort: {DSTACK_WG_PORT} is dstack's own WireGuard port; choose another (51820)")
+    status_port = _port("statusPort", _decode("statusPort", raw.get("statusPort"), 8000))
+    interface = raw.get("interface", "wg0")
+    if not INTERFACE_RE.match(interface) or interface == DSTACK_INTERFACE:
+        raise ConfigError(
+            f"interface: {interface!r} is not usable; 1-15 letters, digits or _.=+- and not {DSTACK_INTERFACE}")
+
+    hub_region = _decode("hubRegion", raw.get("hubRegion"), "nyc3")
+    hub_size = _decode("hubSize", raw.get("hubSize"), "s-1vcpu-1gb")
+    hub_image = _decode("hubImage", raw.get("hubImage"), "ubuntu-24-04-x64")
+    for setting, slug in (("hubRegion", hub_region), ("hubSize", hub_size), ("hubImage", hub_image)):
+        if not isinstance(slug, str) or not SLUG_RE.match(slug):
+            raise ConfigError(f"{setting}: {slug!r} is not a DigitalOcean slug (lowercase letters, digits, '-')")
+
+    if "adminCidrs" not in raw:
+        raise ConfigError("adminCidrs: required; the addresses allowed to SSH to the hub, e.g. [\"203.0.113.7/32\"]")
+    admin_cidrs = _cidrs("adminCidrs", _decode("adminCidrs", raw["adminCidrs"], []))
+    if not admin_cidrs:
+        raise ConfigError("adminCidrs: empty; at least the address this program deploys from is needed")
+    admin_keys = _ssh_public_keys("adminSshKeys", _decode("adminSshKeys", raw.get("adminSshKeys"), []))
+
+    deploy_key = raw.get("sshPrivateKey")
+    if deploy_key is not None:
+        deploy_key = _ssh_private_key("sshPrivateKey", deploy_key)
+
+    spokes_raw = _decode("spokes", raw.get("spokes"), [])
+    _want("spokes", spokes_raw, list, "a list of spokes")
+    secrets = _decode("nodeSecrets", raw.get("nodeSecrets"), {})
+    _want("nodeSecrets", secrets, dict, "an object of node name -> secrets")
+
+    hub_address = overlay.network_address + 1
+    names = [HUB_NAME]
+    for i, item in enumerate(spokes_raw):
+        _want(f"spokes[{i}]", item, dict, "an object")
+        name = _name(f"spokes[{i}].name", item.get("name"))
+        if name in names:
+            raise ConfigError(f"spokes[{i}].name: {name!r} is used twice" +
+                              (" (the hub is called 'hub')" if name == HUB_NAME else "") + "; names must be unique")
+        names.append(name)
+    for node, entry in secrets.items():
+        if node not in names:
+            raise ConfigError(f"nodeSecrets: {node!r} is not a node; known: {', '.join(names)}")
+        _want(f"nodeSecrets.{node}", entry, dict, "an object")
+        _unknown(f"nodeSecrets.{node}", entry, NODE_SECRET_KEYS)
+        if node == HUB_NAME and "sshPrivateKey" in entry:
+            raise ConfigError("nodeSecrets.hub.sshPrivateKey: the hub is a droplet; set sshPrivateKey instead")
+
+    def pinned(node: str) -> str | None:
+        value = secrets.get(node, {}).get("wireguardPrivateKey")
+        return None if value is None else wireguard_key(f"nodeSecrets.{node}.wireguardPrivateKey", value)
+
+    spokes = _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned,
+                     defaults={"region": hub_region, "size": hub_size, "image": hub_image})
+    hub = HubConfig(region=hub_region, size=hub_size, image=hub_image, address=str(hub_address),
+                    wireguard_private_key=pinned(HUB_NAME))
+    return NetworkConfig(
+        overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
+        admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
+        ssh_private_key=deploy_key)
+
+
+def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:
+    taken: dict[ipaddress.IPv4Address, str] = {hub_address: "the hub"}
+    explicit: dict[int, ipaddress.IPv4Address] = {}
+    for i, item in enumerate(spokes_raw):
+        _unknown(f"spokes[{i}]", item, SPOKE_KEYS)
+        if "address" in item:
+            setting = f"spokes[{i}].address"
+            try:
+                addr = ipaddress.ip_address(_want(setting, item["address"], str, "an IPv4 address"))
+            except ValueError:
+                raise ConfigError(f"{setting}: {item['address']!r} is not an IPv4 address") from None
+            if addr not in overlay:
+                raise ConfigError(f"{setting}: {addr} is outside the overlay {overlay}")
+            if addr in (overlay.network_address, overlay.broadcast_address):
+                raise ConfigError(f"{setting}: {addr} is the overlay's network or broadcast address")
+            if addr in taken:
+                raise ConfigError(f"{setting}: {addr} is already used by {taken[addr]}")
+            taken[addr] = f"spokes[{i}]"
+            explicit[i] = addr
+
+    # Free addresses from .11 upwards for spokes that did not pick one.
+    pool = (a for a in overlay.hosts() if int(a) - int(overlay.network_address) >= FIRST_SPOKE_HOST
+            and a not in taken)
+    out = []
+    for i, item in enumerate(spokes_raw):
+        name = item["name"]
+        if i in explicit:
+            addr = explicit[i]
+        else:
+            addr = next(pool, None)
+            if addr is None:
+                raise ConfigError(
+                    f"overlayCidr: {overlay} is too small for {len(spokes_raw)} spokes "
+                    f"(spokes start at .{FIRST_SPOKE_HOST}); use a larger network")
+            taken[addr] = name
+        kind = item.get("kind")
+        if kind not in SPOKE_KINDS:
+            raise ConfigError(f"spokes[{i}].kind: {kind!r} is not a spoke kind; allowed: {', '.join(SPOKE_KINDS)}")
+        node_secrets = secrets.get(name, {})
+        ssh_key = node_secrets.get("sshPrivateKey")
+        if ssh_key is not None:
+            ssh_key = _ssh_private_key(f"nodeSecrets.{name}.sshPrivateKey", ssh_key)
+        values: dict[str, Any] = dict(
+            name=name, kind=kind, address=str(addr),
+            preshared_key=_want(f"spokes[{i}].presharedKey", item.get("presharedKey", True), bool, "true or false"),
+            key_rotation=_want(f"spokes[{i}].keyRotation", item.get("keyRotation", 0), int, "an integer"),
+            wireguard_private_key=pinned(name), ssh_private_key=ssh_key)
+        if isinstance(values["key_rotation"], bool):
+            raise ConfigError(f"spokes[{i}].keyRotation: expected an integer")
+        if kind == "ssh":
+            values.update(_ssh_spoke(i, item, ssh_key or deploy_key))
+        else:
+            for key in ("host", "port", "user", "hostKey", "allowUnknownHostKey"):
+                if key in item:
+                    raise ConfigError(f"spokes[{i}].{key}: only for kind 'ssh'; a droplet's connection is made by the program")
+            for key in ("region", "size", "image"):
+                slug = item.get(key, defaults[key])
+                if not isinstance(slug, str) or not SLUG_RE.match(slug):
+                    raise ConfigError(f"spokes[{i}].{key}: {slug!r} is not a DigitalOcean slug")
+                values[key] = slug
+        out.append(SpokeConfig(**values))
+    return out
+
+
+def _ssh_spoke(i: int, item: Mapping[str, Any], key: str | None) -> dict[str, Any]:
+    for droplet_only in ("region", "size", "image"):
+        if droplet_only in item:
+            raise ConfigError(f"spokes[{i}].{droplet_only}: only for kind 'droplet'")
+    host = item.get("host")
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"spokes[{i}].host: required for kind 'ssh' (the address or name to SSH to)")
+    if key is None:
+        raise ConfigError(
+            f"spokes[{i}]: an 'ssh' spoke needs an SSH private key: set nodeSecrets.{item['name']}.sshPrivateKey "
+            "or sshPrivateKey (pulumi config set --secret ...)")
+    user = item.get("user", "root")
+    if not isinstance(user, str) or not USER_RE.match(user):
+        raise ConfigError(f"spokes[{i}].user: {user!r} is not a valid user name")
+    host_key = item.get("hostKey")
+    allow_unknown = _want(f"spokes[{i}].allowUnknownHostKey", item.get("allowUnknownHostKey", False),
+                          bool, "true or false")
+    if host_key is None and not allow_unknown:
+        raise ConfigError(
+            f"spokes[{i}].hostKey: required (the host's public key, e.g. `ssh-keyscan -t ed25519 HOST`); "
+            "to connect without checking it, set allowUnknownHostKey: true")
+    if host_key is not None and not SSH_PUBLIC_KEY_RE.match(str(host_key).strip()):
+        raise ConfigError(f"spokes[{i}].hostKey: not an SSH public key ('ssh-ed25519 AAAA...')")
+    return dict(host=host.strip(), port=_port(f"spokes[{i}].port", item.get("port", 22)), user=user,
+                host_key=None if host_key is None else host_key.strip(), allow_unknown_host_key=allow_unknown)
+
+
+def from_pulumi() -> NetworkConfig:
+    """Read this project's stack config from the Pulumi runtime and parse it."""
+    from pulumi.runtime import config as runtime_config
+
+    prefix = PROJECT + ":"
+    # The language host hands config over either way, depending on its version.
+    everything = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+    raw = {k[len(prefix):]: v for k, v in everything.items() if k.startswith(prefix)}
+    return parse(raw)

@@ -1,0 +1,65 @@
+"""The whole network: keys, the hub, and every spoke."""
+from __future__ import annotations
+
+import pulumi
+import pulumi_digitalocean as do
+
+from .config import HUB_NAME, NetworkConfig
+from .hub import Hub
+from .keys import Key, NodeKey, ssh_public_key
+from .spoke import Spoke
+
+
+class Network(pulumi.ComponentResource):
+    hub_public_ip: pulumi.Output[str]
+    nodes: dict[str, dict]
+    """Per node: overlay address (plain) and WireGuard public key (plain)."""
+
+    def __init__(self, name: str, config: NetworkConfig, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("dstack-vpn:index:Network", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        # The deploy key: configured, or made here; the droplets authorise it.
+        if config.ssh_private_key is not None:
+            deploy_private = pulumi.Output.secret(config.ssh_private_key)
+            deploy_public = pulumi.Output.from_input(ssh_public_key(config.ssh_private_key, f"{name}-deploy"))
+        else:
+            deploy = Key(f"{name}-deploy-key", "ssh-ed25519", comment=f"{name}-deploy", opts=child)
+            deploy_private, deploy_public = pulumi.Output.secret(deploy.private_key), deploy.public_key
+        # The hub is always a droplet, so DigitalOcean always needs the key.
+        ssh_key = do.SshKey(f"{name}-deploy-key", name=f"{name}-deploy", public_key=deploy_public, opts=child)
+        tags = [do.Tag(f"{name}-tag", name=name, opts=child).name]
+
+        # Keys first: the hub's peer list needs every spoke's public key.
+        hub_key = NodeKey(HUB_NAME, config.hub.wireguard_private_key, 0, self)
+        spoke_keys = {s.name: NodeKey(s.name, s.wireguard_private_key, s.key_rotation, self) for s in config.spokes}
+        psks = {s.name: Key(f"{s.name}-psk", "preshared", rotation=s.key_rotation, opts=child)
+                for s in config.spokes if s.preshared_key}
+        peers = [
+            pulumi.Output.all(spoke_keys[s.name].public_key,
+                              psks[s.name].private_key if s.name in psks else None).apply(
+                lambda v, s=s: {"name": s.name, "address": s.address, "public_key": v[0], "preshared_key": v[1]})
+            for s in config.spokes
+        ]
+
+        self.hub = Hub(HUB_NAME, {
+            "config": config, "private_key": hub_key.private_key, "peers": pulumi.Output.all(*peers),
+            "deploy_key": deploy_private, "ssh_key_id": ssh_key.id, "tags": tags,
+        }, opts=child)
+        self.hub_public_ip = self.hub.public_ip
+
+        self.spokes = {
+            s.name: Spoke(s.name, {
+                "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
+                "preshared_key": psks[s.name].private_key if s.name in psks else None,
+                "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
+                "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
+                "ssh_key_id": ssh_key.id, "tags": tags,
+            }, opts=child)
+            for s in config.spokes
+        }
+        self.nodes = {HUB_NAME: {"address": config.hub.address, "public_key": hub_key.public_key}}
+        for s in config.spokes:
+            self.nodes[s.name] = {"address": s.address, "public_key": spoke_keys[s.name].public_key}
+        self.deploy_public_key = deploy_public
+        self.register_outputs({"hub_public_ip": self.hub_public_ip, "nodes": self.nodes})

@@ -1,0 +1,55 @@
+"""Pure planning: what each host gets, as plain values for the templates."""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Mapping, Sequence
+
+from .config import NetworkConfig, SpokeConfig
+
+RULES_DIR = "/etc/dstack-vpn"
+RULES_PATH = RULES_DIR + "/firewall.nft"
+SYSCTL_PATH = "/etc/sysctl.d/90-dstack-vpn.conf"
+
+
+def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Admin CIDRs by family, for the nftables sets."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    return ([str(n) for n in nets if n.version == 4], [str(n) for n in nets if n.version == 6])
+
+
+def hub_firewall(cfg: NetworkConfig) -> dict:
+    v4, v6 = split_cidrs(cfg.admin_cidrs)
+    return dict(admin_v4=v4, admin_v6=v6, ssh_port=22, listen_port=cfg.listen_port, interface=cfg.interface)
+
+
+def spoke_firewall(cfg: NetworkConfig, spoke: SpokeConfig) -> dict:
+    v4, v6 = split_cidrs(cfg.admin_cidrs)
+    return dict(admin_v4=v4, admin_v6=v6, ssh_port=spoke.port, status_port=cfg.status_port,
+                interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay)
+
+
+def hub_peers(peers: Sequence[Mapping[str, str | None]]) -> list[dict]:
+    """The hub's peer list, one entry per spoke, in address order (stable output)."""
+    return sorted((dict(p) for p in peers), key=lambda p: ipaddress.ip_address(p["address"]))
+
+
+def interface_values(cfg: NetworkConfig, address: str) -> dict:
+    return dict(interface=cfg.interface, address=address, prefixlen=cfg.prefixlen)
+
+
+def cloud_firewall_inbound(cfg: NetworkConfig, role: str) -> list[dict]:
+    """DigitalOcean cloud firewall: the provider-side twin of the host ruleset."""
+    anywhere = ["0.0.0.0/0", "::/0"]
+    rules = [dict(protocol="tcp", port_range="22", source_addresses=list(cfg.admin_cidrs))]
+    if role == "hub":
+        rules.append(dict(protocol="udp", port_range=str(cfg.listen_port), source_addresses=anywhere))
+    else:
+        rules.append(dict(protocol="tcp", port_range=str(cfg.status_port), source_addresses=anywhere))
+    return rules
+
+
+def cloud_firewall_outbound() -> list[dict]:
+    """Outbound is open (a DigitalOcean firewall without outbound rules blocks it all)."""
+    anywhere = ["0.0.0.0/0", "::/0"]
+    return [dict(protocol=p, port_range="1-65535" if p != "icmp" else None, destination_addresses=anywhere)
+            for p in ("tcp", "udp", "icmp")]

@@ -1,0 +1,9 @@
+{% include "scripts/_lib.sh" %}
+# stdin: the sysctl file enabling IPv4 forwarding.
+mkdir -p "$STATE"
+if [ ! -f "$STATE/ip_forward.before" ]; then
+	sysctl -n net.ipv4.ip_forward >"$STATE/ip_forward.before"
+fi
+install_stdin 0644 {{ sysctl_path }}
+sysctl -q -p {{ sysctl_path }}
+say "IPv4 forwarding on"

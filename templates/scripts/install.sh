@@ -1,0 +1,33 @@
+{% include "scripts/_lib.sh" %}
+# A new droplet is still configuring itself (host keys, apt) until cloud-init ends.
+if command -v cloud-init >/dev/null 2>&1; then
+	cloud-init status --wait >/dev/null 2>&1 || true
+fi
+
+need=()
+pkg_missing() { ! dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q '^install ok installed'; }
+for pkg in wireguard-tools nftables; do
+	if pkg_missing "$pkg"; then need+=("$pkg"); fi
+done
+
+# Containers and some VMs have no WireGuard kernel module: wg-quick then runs
+# the userspace wireguard-go by itself, if it is installed.
+if ip link add dev dvpn-probe0 type wireguard 2>/dev/null; then
+	ip link del dev dvpn-probe0
+	say "kernel WireGuard available"
+else
+	say "no WireGuard kernel module: using userspace wireguard-go"
+	if pkg_missing wireguard-go; then need+=(wireguard-go); fi
+fi
+
+if [ "${#need[@]}" -gt 0 ]; then
+	say "installing ${need[*]}"
+	apt-get -q -o DPkg::Lock::Timeout=600 update >/dev/null
+	apt-get -q -y -o DPkg::Lock::Timeout=600 install --no-install-recommends "${need[@]}" >/dev/null
+	# Remember what we installed, so that destroy removes exactly that.
+	mkdir -p "$STATE"
+	printf '%s\n' "${need[@]}" >>"$STATE/installed-packages"
+	sort -u -o "$STATE/installed-packages" "$STATE/installed-packages"
+else
+	say "wireguard-tools and nftables already installed"
+fi

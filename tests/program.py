@@ -1,0 +1,215 @@
+"""Runs the unchanged Pulumi program (__main__.py) under Pulumi's mocks.
+
+One shared Mocks class for every program test: it records each registration
+whole (type, name, parent, dependencies, options and the inputs with their
+secret markers still on), and answers like the real providers would.
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import threading
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from google.protobuf import json_format
+from pulumi.runtime import mocks as pmocks
+from pulumi.runtime import sync_await
+from pulumi.runtime import stack as pstack
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "dstack-vpn"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+SIG_KEY = "4dabf18193072939515e22adb298388d"
+DYNAMIC = "pulumi-python:dynamic:Resource"
+
+
+@dataclass
+class Registration:
+    type: str
+    name: str
+    parent: str
+    urn: str
+    dependencies: list[str]
+    delete_before_replace: bool
+    additional_secret_outputs: list[str]
+    inputs: dict[str, Any]
+    """Inputs as sent to the engine: secrets still wrapped in their marker."""
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def is_secret_marker(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(SIG_KEY) == SECRET_SIG
+
+
+def plain_strings(value: Any):
+    """Every string in `value` that is not inside a secret marker."""
+    if is_secret_marker(value):
+        return
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from plain_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from plain_strings(v)
+
+
+def unwrap(value: Any) -> Any:
+    if is_secret_marker(value):
+        return unwrap(value.get("value"))
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+_SEEDED: dict[str, dict[str, str]] = {}
+
+
+def seeded_key(seed: str, inputs: dict) -> dict[str, str]:
+    """The same key for the same seed: lets two runs be compared input for input.
+
+    Cached, since OpenSSH private key text carries a random check number."""
+    if seed not in _SEEDED:
+        _SEEDED[seed] = _seeded_key(seed, inputs)
+    return _SEEDED[seed]
+
+
+def _seeded_key(seed: str, inputs: dict) -> dict[str, str]:
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from components import keys
+
+    raw = hashlib.sha256(seed.encode()).digest()
+    if inputs["kind"] == "ssh-ed25519":
+        private = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+        text = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                     serialization.NoEncryption()).decode()
+        return {"private_key": text, "public_key": keys.ssh_public_key(text, inputs.get("comment", ""))}
+    private_b64 = base64.b64encode(raw).decode()
+    if inputs["kind"] == "preshared":
+        return {"private_key": private_b64, "public_key": ""}
+    return {"private_key": private_b64, "public_key": keys.wireguard_public_key(private_b64)}
+
+
+class Mocks(pulumi.runtime.Mocks):
+    """Answers as the providers would; keys are real (made by the program's own provider code)."""
+
+    def __init__(self, preview: bool = False, seed: str | None = None):
+        self.preview = preview
+        self.seed = seed
+        self.lock = threading.Lock()
+        self.made_secrets: list[str] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        from components import keys
+
+        # Values from the name, not from arrival order: registrations run on threads.
+        n = zlib.crc32(args.name.encode()) % 200
+        outs = dict(args.inputs)
+        if self.preview:
+            # A preview of a new stack: the providers know nothing computed yet (ids included).
+            return "", outs
+        if args.typ == DYNAMIC:
+            if self.seed is None:
+                made = keys.make(args.inputs["kind"], args.inputs.get("comment", ""))
+            else:
+                made = seeded_key(f"{self.seed}/{args.name}/{args.inputs.get('rotation')}", args.inputs)
+            with self.lock:
+                self.made_secrets.append(made["private_key"])
+            outs.update(made)
+        elif args.typ == "digitalocean:index/droplet:Droplet":
+            outs.update(ipv4_address=f"198.51.100.{10 + n}", status="active")
+            return str(100000 + n), outs
+        elif args.typ == "digitalocean:index/reservedIp:ReservedIp":
+            outs.update(ip_address=f"203.0.113.{n % 250 + 1}")
+        elif args.typ == "digitalocean:index/sshKey:SshKey":
+            outs.update(fingerprint=f"fp-{n}")
+            return str(500 + n), outs
+        elif args.typ.startswith("command:remote:Command"):
+            outs.update(stdout="", stderr="")
+        return f"{args.name}-id", outs
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+
+class RecordingMonitor(pmocks.MockMonitor):
+    def __init__(self, mocks: Mocks):
+        super().__init__(mocks)
+        self.registrations: list[Registration] = []
+        self.reg_lock = threading.Lock()
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            raw = json_format.MessageToDict(request.object, preserving_proto_field_name=True)
+            reg = Registration(
+                type=request.type, name=request.name, parent=request.parent, urn=response.urn,
+                dependencies=list(request.dependencies), delete_before_replace=request.deleteBeforeReplace,
+                additional_secret_outputs=list(request.additionalSecretOutputs), inputs=raw)
+            with self.reg_lock:
+                self.registrations.append(reg)
+        return response
+
+
+def stack_config(stack_file: Path | str = ROOT / "Pulumi.dev.yaml", **overrides: Any) -> dict[str, Any]:
+    """The project's settings from a stack file (without namespace), with overrides."""
+    data = yaml.safe_load(Path(stack_file).read_text())["config"]
+    out = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
+    out.update(overrides)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
+class Run:
+    registrations: list[Registration]
+    outputs: dict[str, Any]
+    made_secrets: list[str]
+
+    def of_type(self, typ: str) -> list[Registration]:
+        return [r for r in self.registrations if r.type == typ]
+
+    def named(self, name: str, typ: str | None = None) -> Registration:
+        """The one custom resource called `name` (components share names with their droplet)."""
+        (reg,) = [r for r in self.registrations if r.name == name
+                  and (r.type == typ if typ else not r.type.startswith("dstack-vpn:index:"))]
+        return reg
+
+
+def run(settings: dict[str, Any], secret_keys: tuple[str, ...] = ("sshPrivateKey", "nodeSecrets"),
+        preview: bool = False, seed: str | None = None) -> Run:
+    """Run __main__.py with `settings` as stack config; return what it registered and exported."""
+    mocks = Mocks(preview=preview, seed=seed)
+    monitor = RecordingMonitor(mocks)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack="test", preview=preview, monitor=monitor)
+    config = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
+    pulumi.runtime.set_all_config(config, [f"{PROJECT}:{k}" for k in secret_keys if k in settings])
+    exports: dict[str, Any] = {}
+
+    def program():
+        runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
+
+    import sys
+    sys.path.insert(0, str(ROOT))
+    try:
+        sync_await._sync_await(pstack.run_pulumi_func(program))
+        root = pulumi.runtime.settings.get_root_resource()
+        outputs = getattr(root, "outputs", {}) if root is not None else {}
+        for key, value in outputs.items():
+            exports[key] = sync_await._sync_await(pulumi.Output.from_input(value).future(with_unknowns=True))
+    finally:
+        sys.path.remove(str(ROOT))
+    return Run(monitor.registrations, exports, mocks.made_secrets)

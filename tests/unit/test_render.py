@@ -1,0 +1,153 @@
+"""Every file that lands on a host, rendered and checked by the real tool that reads it."""
+import json
+import re
+import subprocess
+
+import pytest
+
+from components import config, keys, plan, render
+from conftest import need_root, need_tool
+
+SSH_KEY = keys.ssh_key_pair("t")[0]
+HOST_KEY = keys.ssh_key_pair("h")[1]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    raw = {"adminCidrs": ["203.0.113.10/32", "2001:db8::/48"], "sshPrivateKey": SSH_KEY,
+           "spokes": [{"name": "node-a", "kind": "droplet"},
+                      {"name": "node-b", "kind": "ssh", "host": "198.51.100.21", "port": 2222, "hostKey": HOST_KEY,
+                       "presharedKey": False}]}
+    return config.parse({k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()})
+
+
+def hub_conf(cfg):
+    peers = [{"name": s.name, "address": s.address, "public_key": keys.wireguard_public_key(keys.wireguard_private_key()),
+              "preshared_key": keys.preshared_key() if s.preshared_key else None} for s in reversed(cfg.spokes)]
+    return render.render("wireguard/hub.conf", private_key=keys.wireguard_private_key(), peers=plan.hub_peers(peers),
+                         listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen)
+
+
+def spoke_conf(cfg, psk=True):
+    return render.render("wireguard/spoke.conf", private_key=keys.wireguard_private_key(),
+                         preshared_key=keys.preshared_key() if psk else None,
+                         hub_public_key=keys.wireguard_public_key(keys.wireguard_private_key()),
+                         hub_endpoint="203.0.113.5", listen_port=cfg.listen_port, overlay=cfg.overlay,
+                         address=cfg.spokes[0].address, prefixlen=cfg.prefixlen)
+
+
+def wg_quick_strip(tmp_path, text):
+    need_root("wg-quick strip")
+    need_tool("wg-quick")
+    path = tmp_path / "wg0.conf"
+    path.write_text(text)
+    path.chmod(0o600)
+    out = subprocess.run(["wg-quick", "strip", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_hub_config_parses_and_lists_peers_in_address_order(cfg, tmp_path):
+    text = hub_conf(cfg)
+    stripped = wg_quick_strip(tmp_path, text)
+    assert "ListenPort = 51820" in stripped and "Address" not in stripped  # wg-quick's own keys stripped
+    assert re.findall(r"AllowedIPs = (\S+)", text) == ["10.88.0.11/32", "10.88.0.12/32"]
+    assert text.count("PresharedKey") == 1  # node-b opted out
+
+
+def test_spoke_config_parses(cfg, tmp_path):
+    for psk in (True, False):
+        text = spoke_conf(cfg, psk)
+        stripped = wg_quick_strip(tmp_path, text)
+        assert "Endpoint = 203.0.113.5:51820" in stripped
+        assert "AllowedIPs = 10.88.0.0/24" in stripped and "PersistentKeepalive = 25" in stripped
+        assert ("PresharedKey" in stripped) == psk
+
+
+def nft_check(tmp_path, text):
+    need_tool("nft")
+    need_tool("unshare")
+    path = tmp_path / "rules.nft"
+    path.write_text(text)
+    # a throwaway user+network namespace: the real kernel check, nothing of the machine touched
+    out = subprocess.run(["unshare", "-rn", "nft", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + text
+
+
+def test_hub_ruleset_loads(cfg, tmp_path):
+    text = render.render("nftables/hub.nft", **plan.hub_firewall(cfg))
+    nft_check(tmp_path, text)
+    assert "flush ruleset" not in text
+    assert 'iifname "wg0" oifname "wg0" accept' in text
+    assert "203.0.113.10/32" in text and "2001:db8::/48" in text
+    assert "udp dport 51820 accept" in text
+
+
+def test_spoke_ruleset_loads(cfg, tmp_path):
+    text = render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, cfg.spokes[1]))
+    nft_check(tmp_path, text)
+    assert "flush ruleset" not in text
+    assert "tcp dport 2222 accept" in text and "tcp dport 8000 accept" in text
+    # the hub's own address is dropped before the overlay is accepted
+    assert text.index("ip saddr 10.88.0.1 drop") < text.index("ip saddr 10.88.0.0/24 accept")
+
+
+def test_ruleset_with_only_ipv6_admins_loads(cfg, tmp_path):
+    values = plan.hub_firewall(cfg)
+    values.update(admin_v4=[], admin_v6=["2001:db8::/48"])
+    nft_check(tmp_path, render.render("nftables/hub.nft", **values))
+
+
+SCRIPT_VALUES = {
+    "install": {},
+    "forwarding": {"sysctl_path": plan.SYSCTL_PATH},
+    "firewall": {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
+    "wireguard": {"interface": "wg0", "address": "10.88.0.11", "prefixlen": 24},
+}
+
+
+@pytest.mark.parametrize("step", sorted(SCRIPT_VALUES))
+@pytest.mark.parametrize("undo", [False, True])
+@pytest.mark.parametrize("user", ["root", "deploy"])
+def test_step_scripts_pass_shellcheck(step, undo, user, tmp_path):
+    shellcheck = need_tool("shellcheck")
+    name = f"scripts/{step}{'-undo' if undo else ''}.sh"
+    script = render.render(name, step=step, **SCRIPT_VALUES[step])
+    path = tmp_path / "step.sh"
+    path.write_text(script)
+    out = subprocess.run([shellcheck, "-s", "bash", "-S", "warning", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    # the command string the login shell runs: valid sh, runs bash as root with the script intact
+    command = render.command(step, name, user, **SCRIPT_VALUES[step])
+    assert subprocess.run(["sh", "-n", "-c", command]).returncode == 0
+    assert command.startswith("sudo -n /bin/bash -c " if user != "root" else "/bin/bash -c ")
+    printed = subprocess.run(["sh", "-c", command.replace("/bin/bash -c", "printf '%s\\0'", 1).replace("sudo -n ", "")],
+                             capture_output=True, text=True).stdout
+    assert printed.split("\0")[:2] == [script, f"dstack-vpn-{step}"]
+
+
+def test_firewall_unit_verifies(tmp_path):
+    need_tool("systemd-analyze")
+    need_tool("nft")
+    unit = tmp_path / "dstack-vpn-firewall.service"
+    unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=plan.RULES_PATH))
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cloud_init_is_yaml_with_the_host_key(cfg):
+    import yaml
+    private, public = keys.ssh_key_pair("host")
+    text = render.render("cloud-init/droplet.yaml", host_private_key=private, host_public_key=public,
+                         admin_ssh_keys=[HOST_KEY + " # odd: comment"])
+    assert text.startswith("#cloud-config\n")
+    data = yaml.safe_load(text)
+    assert data["ssh_keys"] == {"ed25519_private": private, "ed25519_public": public}
+    assert data["ssh_genkeytypes"] == [] and data["ssh_deletekeys"] is True
+    assert data["ssh_authorized_keys"] == [HOST_KEY + " # odd: comment"]
+
+
+def test_missing_value_is_an_error():
+    import jinja2
+    with pytest.raises(jinja2.UndefinedError):
+        render.render("wireguard/spoke.conf", private_key="x")
