@@ -1,6 +1,8 @@
 """The whole network: keys, the hub, and every spoke."""
 from __future__ import annotations
 
+import re
+
 import pulumi
 import pulumi_digitalocean as do
 
@@ -28,7 +30,9 @@ class Network(pulumi.ComponentResource):
             deploy_private, deploy_public = pulumi.Output.secret(deploy.private_key), deploy.public_key
         # The hub is always a droplet, so DigitalOcean always needs the key.
         ssh_key = do.SshKey(f"{name}-deploy-key", name=f"{name}-deploy", public_key=deploy_public, opts=child)
-        tags = [do.Tag(f"{name}-tag", name=name, opts=child).name]
+        # One tag per stack: two stacks on one account never share (or delete) each other's tag.
+        tag_name = re.sub(r"[^A-Za-z0-9_:-]", "-", f"{name}-{pulumi.get_stack()}")[:255]
+        tags = [do.Tag(f"{name}-tag", name=tag_name, opts=child).name]
 
         # Keys first: the hub's peer list needs every spoke's public key.
         hub_key = NodeKey(HUB_NAME, config.hub.wireguard_private_key, 0, self)

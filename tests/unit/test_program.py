@@ -224,3 +224,10 @@ def test_rotating_one_key_touches_that_spoke_and_the_hub_only():
     after = inputs_by_urn(program.run(settings(spokes=spokes), seed="rot"))
     changed = sorted(u.split("::")[-1] for u in before if before[u] != after.get(u))
     assert changed == ["hub-wireguard", "node-b-psk", "node-b-wg-key", "node-b-wireguard"]
+
+
+def test_droplets_carry_the_stack_tag(example):
+    (tag,) = example.of_type("digitalocean:index/tag:Tag")
+    assert program.unwrap(tag.inputs)["name"] == "dstack-vpn-test"
+    for droplet in example.of_type(DROPLET):
+        assert program.unwrap(droplet.inputs)["tags"] == ["dstack-vpn-test"]
