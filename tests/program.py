@@ -6,8 +6,6 @@ secret markers still on), and answers like the real providers would.
 """
 from __future__ import annotations
 
-import json
-import runpy
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -18,11 +16,9 @@ import pulumi
 import yaml
 from google.protobuf import json_format
 from pulumi.runtime import mocks as pmocks
-from pulumi.runtime import sync_await
-from pulumi.runtime import stack as pstack
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = "dstack-vpn"
+from lab.runner import PROJECT, ROOT, SECRET_KEYS, run_program
+
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 SIG_KEY = "4dabf18193072939515e22adb298388d"
 DYNAMIC = "pulumi-python:dynamic:Resource"
@@ -189,27 +185,10 @@ class Run:
         return reg
 
 
-def run(settings: dict[str, Any], secret_keys: tuple[str, ...] = ("sshPrivateKey", "nodeSecrets"),
+def run(settings: dict[str, Any], secret_keys: tuple[str, ...] = SECRET_KEYS,
         preview: bool = False, seed: str | None = None) -> Run:
     """Run __main__.py with `settings` as stack config; return what it registered and exported."""
     mocks = Mocks(preview=preview, seed=seed)
     monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack="test", preview=preview, monitor=monitor)
-    config = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
-    pulumi.runtime.set_all_config(config, [f"{PROJECT}:{k}" for k in secret_keys if k in settings])
-    exports: dict[str, Any] = {}
-
-    def program():
-        runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
-
-    import sys
-    sys.path.insert(0, str(ROOT))
-    try:
-        sync_await._sync_await(pstack.run_pulumi_func(program))
-        root = pulumi.runtime.settings.get_root_resource()
-        outputs = getattr(root, "outputs", {}) if root is not None else {}
-        for key, value in outputs.items():
-            exports[key] = sync_await._sync_await(pulumi.Output.from_input(value).future(with_unknowns=True))
-    finally:
-        sys.path.remove(str(ROOT))
-    return Run(monitor.registrations, exports, mocks.made_secrets)
+    outputs = run_program(monitor, mocks, settings, stack="test", preview=preview, secret_keys=secret_keys)
+    return Run(monitor.registrations, outputs, mocks.made_secrets)
