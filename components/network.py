@@ -57,6 +57,7 @@ class Network(pulumi.ComponentResource):
                 "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
                 "preshared_key": psks[s.name].private_key if s.name in psks else None,
                 "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
+                "hub_ready": [self.hub.commands[-1]],
                 "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
                 "ssh_key_id": ssh_key.id, "tags": tags,
             }, opts=child)

@@ -23,6 +23,8 @@ class SpokeArgs(TypedDict):
     hub_public_key: pulumi.Input[str]
     hub_endpoint: pulumi.Input[str]
     """The hub's reserved IP."""
+    hub_ready: Sequence[pulumi.Resource]
+    """The hub's peer step: a new spoke's tunnel comes up after the hub knows it."""
     deploy_key: pulumi.Input[str]
     """SSH private key for the connection (secret)."""
     ssh_key_id: Optional[pulumi.Input[str]]
@@ -60,7 +62,7 @@ class Spoke(pulumi.ComponentResource):
             Step("firewall", {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
                  render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, spoke))),
             Step("wireguard", plan.interface_values(cfg, spoke.address),
-                 pulumi.Output.secret(wg_conf), secret=True),
+                 pulumi.Output.secret(wg_conf), secret=True, after=args["hub_ready"]),
         ]
         self.commands = run_steps(host, steps, parent=self)
         self.register_outputs({})

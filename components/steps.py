@@ -25,6 +25,8 @@ class Step:
     """The file the step installs; secret where it holds keys."""
     secret: bool = False
     """Key material flows through this step: no logging, outputs kept secret."""
+    after: Sequence[pulumi.Resource] = ()
+    """Resources elsewhere this step waits for (a spoke's tunnel waits for the hub's)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def run_steps(host: Host, steps: Sequence[Step], parent: pulumi.Resource,
             logging=remote.Logging.NONE if step.secret else remote.Logging.STDOUT_AND_STDERR,
             opts=pulumi.ResourceOptions(
                 parent=parent,
-                depends_on=previous,
+                depends_on=previous + list(step.after),
                 delete_before_replace=True,
                 additional_secret_outputs=["stdout", "stderr"] if step.secret else None,
             ),

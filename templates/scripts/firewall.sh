@@ -12,7 +12,7 @@ if have_systemd; then
 {% include "systemd/dstack-vpn-firewall.service" %}
 UNIT
 	systemctl daemon-reload
-	systemctl enable --quiet dstack-vpn-firewall.service
+	systemctl enable --now --quiet dstack-vpn-firewall.service
 	say "ruleset loaded; restored at boot by dstack-vpn-firewall.service"
 else
 	say "ruleset loaded; no systemd here, so it is not restored at boot"

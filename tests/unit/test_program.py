@@ -231,3 +231,10 @@ def test_droplets_carry_the_stack_tag(example):
     assert program.unwrap(tag.inputs)["name"] == "dstack-vpn-test"
     for droplet in example.of_type(DROPLET):
         assert program.unwrap(droplet.inputs)["tags"] == ["dstack-vpn-test"]
+
+
+def test_a_spoke_tunnel_comes_up_after_the_hub_knows_the_spoke(example):
+    hub_peer_step = example.named("hub-wireguard").urn
+    for node in ("node-a", "node-b", "node-c"):
+        assert hub_peer_step in example.named(f"{node}-wireguard").dependencies
+        assert hub_peer_step not in example.named(f"{node}-install").dependencies

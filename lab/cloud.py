@@ -1,0 +1,269 @@
+"""The lab's stand-in providers: what each resource type becomes for real.
+
+- a DigitalOcean droplet: a newly booted lab host (its underlay address is
+  the droplet's ipv4 address), with the host key and admin keys its
+  cloud-init user data carries and the DigitalOcean SSH keys authorised;
+- a reserved IP: a free underlay address; its assignment: that address added
+  to the droplet's outside interface, moved when the assignment moves;
+- a cloud firewall: an nftables table of its own (`inet lab_cloud_firewall`)
+  on the host's outside interface in its namespace, stateful like the real one;
+- a `command:remote:Command`: real SSH with the connection the program declared
+  (host, port, user, private key, host key when pinned), stdin and exit code;
+- a key (dynamic resource): the program's own provider code, as Pulumi runs it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shlex
+import subprocess
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from . import diffs
+from .engine import Engine, Record
+from .hosts import UNDERLAY
+
+if TYPE_CHECKING:
+    from .hosts import Lab
+
+RESERVED_IP_FIRST = 200  # reserved IPs come from .200 up; hosts from .10 up
+CLOUD_FW_TABLE = "lab_cloud_firewall"
+
+
+class CommandError(RuntimeError):
+    pass
+
+
+class Base:
+    def __init__(self, cloud: "Cloud"):
+        self.cloud = cloud
+
+    def diff(self, old: Record, inputs: dict) -> str:
+        return diffs.diff(old.type, old.inputs, old.outputs, inputs)
+
+    def update(self, urn: str, old: Record, inputs: dict) -> dict:
+        return {**old.outputs, **inputs}
+
+    def delete(self, old: Record) -> None:
+        pass
+
+
+class Droplets(Base):
+    def create(self, urn, inputs):
+        lab = self.cloud.lab
+        data = yaml.safe_load(inputs.get("userData") or "") or {}
+        host_key = (data.get("ssh_keys") or {}).get("ed25519_private")
+        authorized = [self.cloud.ssh_key(i) for i in inputs.get("sshKeys", [])]
+        authorized += list(data.get("ssh_authorized_keys") or [])
+        droplet_id = str(100_000_000 + secrets.randbelow(900_000_000))
+        # Lab host names are unique; a replacement runs beside the droplet it replaces.
+        name = f"{inputs['name'][:22]}-{droplet_id[-6:]}"
+        host = lab.host(name, authorized_keys=authorized, host_key_private_openssh=host_key)
+        host.boot()
+        host.wait_ssh(timeout=120)
+        return droplet_id, {**inputs, "id": droplet_id, "ipv4Address": host.address, "status": "active",
+                            "labHost": name}
+
+    def update(self, urn, old, inputs):
+        return {**old.outputs, **inputs}
+
+    def delete(self, old):
+        host = self.cloud.lab.hosts.get(old.outputs["labHost"])
+        if host is not None:
+            host.destroy()
+
+
+class ReservedIps(Base):
+    def create(self, urn, inputs):
+        used = self.cloud.used_addresses()
+        free = (str(UNDERLAY[i]) for i in range(RESERVED_IP_FIRST, UNDERLAY.num_addresses - 1))
+        ip = next(a for a in free if a not in used)
+        return ip, {**inputs, "ipAddress": ip, "urn": urn}
+
+
+class Assignments(Base):
+    def create(self, urn, inputs):
+        host = self.cloud.droplet_host(inputs["dropletId"])
+        host.add_address(inputs["ipAddress"])
+        return f"{inputs['ipAddress']}-{inputs['dropletId']}", dict(inputs)
+
+    def delete(self, old):
+        host = self.cloud.droplet_host(old.inputs["dropletId"], missing_ok=True)
+        if host is not None and old.inputs["ipAddress"] in host.extra_addresses:
+            host.remove_address(old.inputs["ipAddress"])
+
+
+class Firewalls(Base):
+    """Stateful like DigitalOcean's: inbound only what a rule allows, replies always."""
+
+    def _ruleset(self, inputs) -> str:
+        lines = [f"table inet {CLOUD_FW_TABLE}", f"delete table inet {CLOUD_FW_TABLE}",
+                 f"table inet {CLOUD_FW_TABLE} {{", "\tchain input {",
+                 "\t\ttype filter hook input priority -10; policy accept;",
+                 '\t\tiifname != "eth0" accept', "\t\tct state established,related accept"]
+        for rule in inputs.get("inboundRules", []):
+            proto, ports = rule["protocol"], rule.get("portRange", "")
+            for src in rule.get("sourceAddresses", []):
+                family = "ip" if ipaddress.ip_network(src).version == 4 else "ip6"
+                match = f"{family} saddr {src}"
+                if proto == "icmp":
+                    lines.append(f"\t\t{match} meta l4proto {{ icmp, ipv6-icmp }} accept")
+                else:
+                    lines.append(f"\t\t{match} {proto} dport {ports} accept")
+        lines += ["\t\tdrop", "\t}", "}"]
+        return "\n".join(lines) + "\n"
+
+    def _apply(self, inputs) -> None:
+        for droplet_id in inputs.get("dropletIds", []):
+            host = self.cloud.droplet_host(droplet_id)
+            host.exec(["nft", "-f", "-"], input=self._ruleset(inputs), text=True, check=True)
+
+    def create(self, urn, inputs):
+        self._apply(inputs)
+        return f"fw-{zlib.crc32(urn.encode())}", dict(inputs)
+
+    def update(self, urn, old, inputs):
+        for droplet_id in set(old.inputs.get("dropletIds", [])) - set(inputs.get("dropletIds", [])):
+            self._remove(droplet_id)
+        self._apply(inputs)
+        return {**old.outputs, **inputs}
+
+    def _remove(self, droplet_id) -> None:
+        host = self.cloud.droplet_host(droplet_id, missing_ok=True)
+        if host is not None and host.running:
+            host.exec(["nft", "delete", "table", "inet", CLOUD_FW_TABLE])
+
+    def delete(self, old):
+        for droplet_id in old.inputs.get("dropletIds", []):
+            self._remove(droplet_id)
+
+
+class SshKeys(Base):
+    def create(self, urn, inputs):
+        key_id = str(zlib.crc32(inputs["publicKey"].encode()))
+        return key_id, {**inputs, "fingerprint": f"lab:{key_id}"}
+
+
+class Tags(Base):
+    def create(self, urn, inputs):
+        return inputs["name"], dict(inputs)
+
+
+class DynamicKeys(Base):
+    """Runs the program's own dynamic provider (unpickled from its inputs)."""
+
+    def create(self, urn, inputs):
+        provider = diffs.load_provider(inputs)
+        result = provider.create({k: v for k, v in inputs.items() if k != diffs.PROVIDER_KEY})
+        return result.id, {**(result.outs or {}), diffs.PROVIDER_KEY: inputs[diffs.PROVIDER_KEY]}
+
+
+class Commands(Base):
+    """pulumi-command's remote Command, over real SSH from the operator namespace."""
+
+    def create(self, urn, inputs):
+        out = self.cloud.run_remote(urn, inputs, inputs["create"], inputs.get("stdin"))
+        return f"cmd-{secrets.token_hex(4)}", {**inputs, **out}
+
+    def update(self, urn, old, inputs):
+        out = self.cloud.run_remote(urn, inputs, inputs.get("update") or inputs["create"], inputs.get("stdin"))
+        return {**old.outputs, **inputs, **out}
+
+    def delete(self, old):
+        if old.inputs.get("delete"):
+            self.cloud.run_remote(old.urn, old.inputs, old.inputs["delete"], None)
+
+
+class Cloud:
+    def __init__(self, lab: "Lab", engine_state=None, log=print):
+        self.lab = lab
+        self.state = engine_state
+        self.log = log
+
+    def providers(self) -> dict:
+        return {
+            "digitalocean:index/droplet:Droplet": Droplets(self),
+            "digitalocean:index/reservedIp:ReservedIp": ReservedIps(self),
+            "digitalocean:index/reservedIpAssignment:ReservedIpAssignment": Assignments(self),
+            "digitalocean:index/firewall:Firewall": Firewalls(self),
+            "digitalocean:index/sshKey:SshKey": SshKeys(self),
+            "digitalocean:index/tag:Tag": Tags(self),
+            diffs.DYNAMIC: DynamicKeys(self),
+            diffs.COMMAND: Commands(self),
+        }
+
+    def engine(self, state_path: Path, log=print) -> Engine:
+        engine = Engine(state_path, self.providers(), log=log)
+        self.state = engine.state
+        return engine
+
+    # -- lookups in the engine's state ----------------------------------------
+    def _records(self, typ: str) -> list[Record]:
+        return [r for r in list(self.state.records.values()) if r.type == typ]
+
+    def ssh_key(self, key_id) -> str:
+        for r in self._records("digitalocean:index/sshKey:SshKey"):
+            if r.id == str(key_id):
+                return r.inputs["publicKey"]
+        raise KeyError(f"no DigitalOcean SSH key {key_id} in the lab")
+
+    def droplet_host(self, droplet_id, missing_ok: bool = False):
+        for r in self._records("digitalocean:index/droplet:Droplet"):
+            if r.id == str(droplet_id):
+                return self.lab.hosts.get(r.outputs["labHost"])
+        if missing_ok:
+            return None
+        raise KeyError(f"no droplet {droplet_id} in the lab")
+
+    def used_addresses(self) -> set[str]:
+        used = {r.outputs["ipAddress"] for r in self._records("digitalocean:index/reservedIp:ReservedIp")}
+        for host in self.lab.hosts.values():
+            used |= {host.address, *host.extra_addresses}
+        return used
+
+    # -- SSH as pulumi-command does it ------------------------------------------
+    def run_remote(self, urn: str, inputs: dict, command: str, stdin: str | None) -> dict:
+        conn = inputs["connection"]
+        name = urn.split("::")[-1]
+        host, port, user = conn["host"], int(conn.get("port", 22)), conn.get("user", "root")
+        limit = int(conn.get("dialErrorLimit", 10))
+        timeout = int(conn.get("perDialTimeout", 15))
+        with tempfile.TemporaryDirectory(prefix="lab-ssh-") as tmp:  # 0700
+            key = Path(tmp) / "key"
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(conn["privateKey"])
+            argv = ["ip", "netns", "exec", self.lab.op_ns, "ssh", "-F", "/dev/null", "-i", str(key),
+                    "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
+                    "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
+                    "-p", str(port)]
+            if conn.get("hostKey"):
+                known = Path(tmp) / "known_hosts"
+                target = host if port == 22 else f"[{host}]:{port}"
+                known.write_text(f"{target} {conn['hostKey']}\n")
+                argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]
+            else:
+                argv += ["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"]
+            env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (inputs.get("environment") or {}).items())
+            argv += [f"{user}@{host}", f"env {env_prefix} {command}" if env_prefix else command]
+            for dial in range(1, limit + 2):
+                proc = subprocess.run(argv, input=stdin or "", capture_output=True, text=True, timeout=900)
+                # ssh says 255 for its own failures (refused, unreachable, host key): dial again
+                if proc.returncode != 255 or dial > limit or "REMOTE HOST IDENTIFICATION" in proc.stderr \
+                        or "Host key verification failed" in proc.stderr:
+                    break
+                time.sleep(min(0.5 * dial, 3))
+        if inputs.get("logging") != "none":  # as pulumi-command: no output where keys flow
+            for line in proc.stdout.splitlines() + proc.stderr.splitlines():
+                self.log(f"    {name}: {line}")
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+            raise CommandError(f"{name} on {user}@{host}:{port} exited {proc.returncode}: {tail}")
+        return {"stdout": proc.stdout, "stderr": proc.stderr}

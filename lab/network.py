@@ -1,0 +1,165 @@
+"""The example network on lab hosts: boot the `ssh` spokes, run the program
+through the lab engine, report what converged.
+
+Used by the lab's command line (lab/__main__.py) and by the end-to-end tests.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cloud import Cloud
+from .engine import Result
+from .hosts import Host, Lab
+
+HERE = Path(__file__).resolve().parent
+STACK_FILE = HERE / "Pulumi.lab.yaml"
+PROJECT = "dstack-vpn"
+
+
+def stack_settings(stack_file: Path = STACK_FILE) -> dict[str, Any]:
+    data = yaml.safe_load(Path(stack_file).read_text())["config"]
+    return {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
+
+
+class LabNetwork:
+    def __init__(self, lab_dir: str | Path | None = None, name: str = "dvl", stack_file: Path = STACK_FILE,
+                 log=print):
+        self.lab = Lab(lab_dir, name)
+        self.log = log
+        self.stack_file = stack_file
+        self.cloud = Cloud(self.lab, log=log)
+        self.engine = self.cloud.engine(self.lab.state_dir / "pulumi-state.json", log=log)
+
+    # -- what only the lab knows ----------------------------------------------
+    def deploy_key(self) -> tuple[str, str]:
+        """The key the program logs in to `ssh` spokes with: (private, public)."""
+        path = self.lab.state_dir / "deploy_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dstack-vpn-lab-deploy",
+                            "-f", str(path)], check=True)
+        return path.read_text(), path.with_suffix(".pub").read_text().strip()
+
+    def ssh_spoke_host(self, spoke: dict) -> Host:
+        """The lab host standing in for an existing `ssh` spoke; booted when missing."""
+        host = self.lab.hosts.get(spoke["name"])
+        if host is None:
+            user = spoke.get("user", "root")
+            host = self.lab.host(spoke["name"], spoke["host"], authorized_keys=[self.deploy_key()[1]],
+                                 ssh_user=None if user == "root" else user)
+        if not host.running:
+            host.boot()
+        return host
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        settings = {**stack_settings(self.stack_file), **overrides}
+        settings.setdefault("sshPrivateKey", self.deploy_key()[0])
+        spokes = [dict(s) for s in settings.get("spokes", [])]
+        lab_spokes = [s for s in spokes if s.get("kind") == "ssh" and s.get("host", "").startswith("198.51.100.")]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            hosts = list(pool.map(self.ssh_spoke_host, lab_spokes))
+            list(pool.map(lambda h: h.wait_ssh(timeout=120), hosts))
+        for spoke, host in zip(lab_spokes, hosts):
+            spoke.setdefault("hostKey", host.host_key_public)
+        settings["spokes"] = spokes
+        return settings
+
+    # -- the three commands -----------------------------------------------------
+    def up(self, **overrides: Any) -> Result:
+        self.lab.prepare()
+        result = self.engine.up(self.settings(**overrides))
+        self.save_outputs(result.outputs)
+        return result
+
+    def down(self) -> None:
+        try:
+            if self.engine.state.records:
+                self.engine.destroy()
+        finally:
+            self.lab.close()
+
+    # -- what converged -----------------------------------------------------------
+    def node_hosts(self) -> dict[str, Host]:
+        """Node name -> its lab host, from the engine's state."""
+        out: dict[str, Host] = {}
+        for record in self.engine.state.records.values():
+            if record.type == "digitalocean:index/droplet:Droplet":
+                host = self.lab.hosts.get(record.outputs["labHost"])
+                if host is not None:
+                    out[record.inputs["name"]] = host
+        for name, host in self.lab.hosts.items():  # the `ssh` spokes, named as their node
+            if name not in out and not any(h is host for h in out.values()):
+                out[name] = host
+        return out
+
+    def nodes(self) -> dict[str, dict]:
+        """Node -> {address, public_key} as the program exported them on the last `up`."""
+        return self.last_outputs().get("nodes", {})
+
+    def last_outputs(self) -> dict:
+        path = self.lab.state_dir / "outputs.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def save_outputs(self, outputs: dict) -> None:
+        path = self.lab.state_dir / "outputs.json"
+        path.write_text(json.dumps(outputs, indent=1, sort_keys=True) + "\n")
+
+    def handshakes(self) -> dict[str, float | None]:
+        """Seconds since each node's latest handshake with the hub (None: never)."""
+        hosts = self.node_hosts()
+        nodes = self.nodes()
+        out: dict[str, float | None] = {}
+        hub = hosts.get("hub")
+        if hub is None:
+            return out
+        dump = self.lab.ssh(hub, "wg show wg0 latest-handshakes", timeout=20).stdout
+        by_key = {line.split()[0]: int(line.split()[1]) for line in dump.splitlines() if len(line.split()) == 2}
+        now = time.time()
+        for name, node in nodes.items():
+            if name == "hub":
+                continue
+            stamp = by_key.get(node["public_key"], 0)
+            out[name] = round(now - stamp, 1) if stamp else None
+        return out
+
+    def reachability(self) -> dict[tuple[str, str], bool]:
+        """(from, to) -> one ping over the overlay answered, for every pair of spokes."""
+        hosts, nodes = self.node_hosts(), self.nodes()
+        spokes = [n for n in nodes if n != "hub" and n in hosts]
+        pairs = [(a, b) for a in spokes for b in spokes if a != b]
+
+        def ping(pair):
+            a, b = pair
+            proc = self.lab.ssh(hosts[a], f"ping -c1 -W2 {nodes[b]['address']}", timeout=20)
+            return pair, proc.returncode == 0
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return dict(pool.map(ping, pairs))
+
+    def wait_converged(self, timeout: float = 30) -> float:
+        """Seconds until every spoke reaches every other (a spoke that came up before
+        the hub retries its handshake after WireGuard's 5 s rekey timeout)."""
+        t0 = time.monotonic()
+        while not all(self.reachability().values()) and time.monotonic() - t0 < timeout:
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
+    def table(self) -> str:
+        nodes, reach = self.nodes(), self.reachability()
+        hs = self.handshakes()
+        spokes = [n for n in nodes if n != "hub"]
+        lines = [f"{'node':<10} {'overlay':<14} {'handshake':>10}   " + " ".join(f"{s:>7}" for s in spokes)]
+        for name, node in nodes.items():
+            age = "" if name == "hub" else ("never" if hs.get(name) is None else f"{hs[name]:.0f}s ago")
+            cells = " ".join(f"{'-' if name == s or name == 'hub' else ('ok' if reach.get((name, s)) else 'FAIL'):>7}"
+                             for s in spokes)
+            lines.append(f"{name:<10} {node['address']:<14} {age:>10}   {cells}")
+        lines.append("(reachability: one ping over the overlay from the row's node to the column's)")
+        return "\n".join(lines)
+

@@ -1,0 +1,253 @@
+"""What the lab installs: machine packages, the hosts' base image, their apt repository.
+
+The base image stands in for a fresh Ubuntu droplet: systemd, sshd, python3
+and little else. WireGuard and nftables are deliberately absent, so that the
+program's own install step really runs; it gets them from a local flat apt
+repository that the hosts see read-only at REPO_MOUNT (the hosts have no
+network beyond the lab underlay).
+
+Both the image and the repository are cached in a lab cache directory, keyed
+by a hash of their recipe; they are built in a temporary directory and renamed
+into place when complete, so an interrupted build never looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+SUITE = "bookworm"
+# Bump when the way the image or the repository is built changes: it is part
+# of both cache keys, so the next run rebuilds them.
+RECIPE_VERSION = "lab-image-1"
+
+MACHINE_PACKAGES = (
+    "debootstrap", "debian-archive-keyring", "systemd-container", "dpkg-dev",
+    "socat", "wireguard-tools", "nftables", "openssh-client", "iproute2",
+    "iputils-ping",  # probes from the operator namespace
+)
+# What a fresh droplet already has (cloud-init aside: the program tolerates
+# its absence). No wireguard-tools, wireguard-go or nftables here.
+BASE_PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "iproute2",
+    "netbase", "procps", "iputils-ping", "ca-certificates", "sudo",
+)
+# What the program's install step asks apt for inside the hosts.
+REPO_PACKAGES = ("wireguard-tools", "wireguard-go", "nftables")
+REPO_MOUNT = "/srv/lab-apt"
+
+_NONINTERACTIVE = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+_apt_updated = False
+
+
+def run(argv, *, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with text output captured; errors carry stderr."""
+    kwargs.setdefault("capture_output", not ("stdout" in kwargs or "stderr" in kwargs))
+    kwargs.setdefault("text", True)
+    result = subprocess.run([str(a) for a in argv], **kwargs)
+    if check and result.returncode != 0:
+        err = (result.stderr or "").strip()[-2000:] if isinstance(result.stderr, str) else ""
+        raise RuntimeError(f"{' '.join(map(str, argv[:6]))} ... failed ({result.returncode}): {err}")
+    return result
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points in our mount namespace at or below path."""
+    base = str(Path(path).resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")  # \040 etc.
+            if point == base or point.startswith(base + "/"):
+                found.append(point)
+    return found
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that first unmounts whatever is mounted below path.
+
+    An interrupted debootstrap leaves /proc and /sys mounted in its target;
+    a plain rmtree would walk into them.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    for point in sorted(mounts_under(path), key=len, reverse=True):
+        run(["umount", "--lazy", point], check=False)
+    if mounts_under(path):
+        raise RuntimeError(f"refusing to remove {path}: still has mounts below it")
+    shutil.rmtree(path)
+
+
+def _installed(packages) -> set[str]:
+    out = run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *packages], check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.split()[1:2] == ["ii"]}
+
+
+def apt_update_once() -> None:
+    global _apt_updated
+    if not _apt_updated:
+        run(["apt-get", "update", "-q"], env=_NONINTERACTIVE)
+        _apt_updated = True
+
+
+def ensure_machine_packages(packages=MACHINE_PACKAGES) -> list[str]:
+    """Install on this machine whichever of packages is missing; return those.
+
+    --no-install-recommends matters for systemd-container: its recommends
+    would edit the machine's /etc/nsswitch.conf.
+    """
+    missing = sorted(set(packages) - _installed(packages))
+    if missing:
+        apt_update_once()
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=_NONINTERACTIVE)
+    return missing
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt already uses for SUITE.
+
+    Read from deb822 .sources files or the one-line sources.list, never
+    written into code.
+    """
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        for stanza in Path(path).read_text().split("\n\n"):
+            fields = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.startswith(("#", " ")):
+                    key, _, value = line.partition(":")
+                    fields[key.strip().lower()] = value.split()
+            if ("deb" in fields.get("types", []) and SUITE in fields.get("suites", [])
+                    and fields.get("enabled", ["yes"]) != ["no"] and fields.get("uris")):
+                return fields["uris"][0]
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path("/etc/apt/sources.list").read_text().splitlines():
+            words = re.sub(r"\[[^]]*\]", " ", line.split("#")[0]).split()  # drop [options]
+            if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
+                return words[1]
+    raise RuntimeError(f"no 'deb' source for {SUITE} in this machine's apt sources")
+
+
+def _key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path):
+    """One builder at a time per cache (two lab processes may start together)."""
+    cache_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def _building(final: Path):
+    """A fresh temporary directory beside final, renamed to final on success."""
+    tmp = final.with_name(f".build-{final.name}")
+    remove_tree(tmp)  # left by an interrupted build; we hold the lock
+    tmp.mkdir(mode=0o755)
+    try:
+        yield tmp
+        tmp.rename(final)
+    finally:
+        remove_tree(tmp)
+
+
+def base_image(cache_dir: Path) -> Path:
+    """The read-only root file system every host overlays; built once per recipe.
+
+    Returns <cache>/base-<suite>-<key>/rootfs.
+    """
+    arch = run(["dpkg", "--print-architecture"]).stdout.strip()
+    recipe = {"suite": SUITE, "variant": "minbase", "packages": sorted(BASE_PACKAGES),
+              "arch": arch, "version": RECIPE_VERSION}
+    final = cache_dir / f"base-{SUITE}-{_key(recipe)}"
+    with _cache_lock(cache_dir):
+        if final.is_dir():
+            return final / "rootfs"
+        with _building(final) as tmp:
+            root = tmp / "rootfs"
+            with open(tmp / "debootstrap.log", "w") as log:
+                result = run(["debootstrap", "--variant=minbase", f"--arch={arch}",
+                              "--include=" + ",".join(BASE_PACKAGES), SUITE, root, debian_mirror()],
+                             check=False, stdout=log, stderr=subprocess.STDOUT)
+            if result.returncode != 0:
+                tail = (tmp / "debootstrap.log").read_text()[-3000:]
+                raise RuntimeError(f"debootstrap failed ({result.returncode}):\n{tail}")
+            _finish_image(root)
+            (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    return final / "rootfs"
+
+
+def _finish_image(root: Path) -> None:
+    """Make the debootstrapped tree look like a droplet image before first boot."""
+    # Each host gets its own identity at creation: host keys and machine-id.
+    for key in root.glob("etc/ssh/ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("")
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.is_file() and not dbus_id.is_symlink():
+        dbus_id.unlink()
+    # The hosts have no DNS and no route out; debootstrap copied ours.
+    resolv = root / "etc/resolv.conf"
+    if resolv.is_symlink() or resolv.exists():
+        resolv.unlink()
+    resolv.write_text("# lab host: no DNS\n")
+    (root / "etc/hostname").write_text("localhost\n")
+    # apt sees only the local repository, which needs no network.
+    with contextlib.suppress(FileNotFoundError):
+        (root / "etc/apt/sources.list").unlink()
+    for source in (root / "etc/apt/sources.list.d").iterdir():
+        source.unlink()
+    (root / "etc/apt/sources.list.d/lab.list").write_text(f"deb [trusted=yes] file:{REPO_MOUNT} ./\n")
+    (root / REPO_MOUNT.lstrip("/")).mkdir(mode=0o755, parents=True, exist_ok=True)
+    # Like a cloud image: no package lists until the program runs apt-get update.
+    for leftover in [*root.glob("var/lib/apt/lists/*"), *root.glob("var/cache/apt/*.bin"),
+                     *root.glob("var/cache/apt/archives/*.deb")]:
+        if leftover.is_file():
+            leftover.unlink()
+
+
+def local_repo(cache_dir: Path, image: Path, packages=REPO_PACKAGES) -> Path:
+    """A flat apt repository with packages and whatever they need beyond the image.
+
+    apt resolves the dependencies against the image's own dpkg status, so the
+    repository holds exactly what an install inside a host will ask for.
+    Returns <cache>/apt-<key>/repo, to bind-mount at REPO_MOUNT.
+    """
+    recipe = {"image": image.parent.name, "packages": sorted(packages), "version": RECIPE_VERSION}
+    final = cache_dir / f"apt-{_key(recipe)}"
+    with _cache_lock(cache_dir):
+        if final.is_dir():
+            return final / "repo"
+        apt_update_once()  # the machine's package lists, for resolving
+        with _building(final) as tmp:
+            (tmp / "state").mkdir()
+            (tmp / "archives/partial").mkdir(parents=True)
+            shutil.copy(image / "var/lib/dpkg/status", tmp / "state/status")
+            run(["apt-get", "install", "--download-only", "-y", "-q", "--no-install-recommends",
+                 "-o", f"Dir::State::status={tmp}/state/status",
+                 "-o", f"Dir::Cache::archives={tmp}/archives",
+                 # keep the machine's own apt caches untouched
+                 "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
+                 "-o", "APT::Sandbox::User=root", *packages], env=_NONINTERACTIVE)
+            repo = tmp / "repo"
+            repo.mkdir(mode=0o755)
+            for deb in (tmp / "archives").glob("*.deb"):
+                os.chmod(deb, 0o644)
+                deb.rename(repo / deb.name)
+            with open(repo / "Packages", "w") as index:
+                run(["dpkg-scanpackages", "--multiversion", ".", "/dev/null"],
+                    cwd=repo, stdout=index, stderr=subprocess.DEVNULL)
+            remove_tree(tmp / "archives")
+            remove_tree(tmp / "state")
+            (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    return final / "repo"

@@ -1,0 +1,207 @@
+"""The example network converging for real in the lab: real hosts, SSH, WireGuard, nftables, packets.
+
+One lab network for the module (hub and node-a as droplets, node-b and
+node-c as `ssh` spokes); torn down at the end, on failure too.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import need_root, need_tool
+from probes import probe
+
+UNDERLAY_TCP = [22, 80, 443, 5432, 8000, 8080, 9000, 51820]
+UNDERLAY_UDP = [53, 123, 9000, 51821]
+
+
+@pytest.fixture(scope="module")
+def net():
+    need_root("the lab")
+    need_tool("ip")
+    from lab.network import LabNetwork
+
+    network = LabNetwork(name="dve", log=lambda *_: None)
+    try:
+        network.lab.cleanup_stale()
+        t0 = time.monotonic()
+        network.first_up = network.up()
+        network.first_up_seconds = time.monotonic() - t0
+        yield network
+    finally:
+        network.down()
+
+
+def ssh(net, node, command, **kw):
+    return net.lab.ssh(net.node_hosts()[node], command, timeout=30, **kw)
+
+
+def wait_until(check, timeout=30.0, step=0.3):
+    end = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > end:
+            return result
+        time.sleep(step)
+
+
+SPOKES = ("node-a", "node-b", "node-c")
+
+
+def test_every_spoke_reaches_every_other_through_the_hub(net):
+    assert set(net.nodes()) == {"hub", *SPOKES}
+    reach = wait_until(lambda: (r := net.reachability()) and all(r.values()) and r)
+    assert reach and all(reach.values()), reach
+    assert len(reach) == 6
+    # the path goes through the hub: the spoke's only peer is the hub
+    for node in SPOKES:
+        peers = ssh(net, node, "wg show wg0 peers").stdout.split()
+        assert peers == [net.nodes()["hub"]["public_key"]]
+
+
+def test_hub_lists_every_spoke_with_a_recent_handshake(net):
+    net.reachability()
+    ages = net.handshakes()
+    assert set(ages) == set(SPOKES)
+    assert all(age is not None and age < 60 for age in ages.values()), ages
+
+
+def listen(net, node, port):
+    """A TCP listener and a UDP echo on `port` of a spoke, for the probes."""
+    script = (f"import socket,threading\n"
+              f"t=socket.socket();t.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);t.bind(('',{port}));t.listen()\n"
+              f"u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.bind(('',{port}))\n"
+              f"threading.Thread(target=lambda:[t.accept()[0].close() for _ in iter(int,1)],daemon=True).start()\n"
+              f"while True:\n d,a=u.recvfrom(100);u.sendto(d,a)\n")
+    ssh(net, node, f"nohup python3 -c {shlex.quote(script)} >/dev/null 2>&1 </dev/null & "
+                   f"echo $! >/run/lab-listener-{port}")
+    assert wait_until(lambda: ssh(net, node, f"ss -ltnH 'sport = :{port}' | grep -q .").returncode == 0, 10)
+
+
+def unlisten(net, node, port):
+    ssh(net, node, f"kill $(cat /run/lab-listener-{port}) 2>/dev/null; rm -f /run/lab-listener-{port}")
+
+
+def overlay_connects(net, src, dst_address, port, proto):
+    if proto == "icmp":
+        return ssh(net, src, f"ping -c1 -W2 {dst_address}").returncode == 0
+    if proto == "tcp":
+        return ssh(net, src, f"timeout 3 bash -c '</dev/tcp/{dst_address}/{port}'").returncode == 0
+    code = (f"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(2);"
+            f"s.sendto(b'x',('{dst_address}',{port}));print(s.recv(10))")
+    return ssh(net, src, f"python3 -c \"{code}\"").returncode == 0
+
+
+def test_hub_cannot_open_connections_to_spokes_but_spokes_can(net):
+    nodes = net.nodes()
+    listen(net, "node-b", 9000)
+    try:
+        for proto in ("icmp", "tcp", "udp"):
+            assert overlay_connects(net, "node-a", nodes["node-b"]["address"], 9000, proto), proto
+            assert not overlay_connects(net, "hub", nodes["node-b"]["address"], 9000, proto), proto
+            assert not overlay_connects(net, "hub", nodes["node-c"]["address"], 9000, proto), proto
+    finally:
+        unlisten(net, "node-b", 9000)
+
+
+def test_underlay_exposure_of_the_hub(net):
+    hub = net.node_hosts()["hub"]
+    public_ip = net.last_outputs()["hubPublicIp"]
+    # from an admin address (the operator namespace): SSH and nothing else over TCP
+    seen = probe(net.lab.op_ns, public_ip, tcp=UNDERLAY_TCP, udp=UNDERLAY_UDP)
+    assert {p for p, v in seen["tcp"].items() if v != "filtered"} == {22}, seen
+    assert all(v == "silent" for v in seen["udp"].values()), seen  # dropped, not even ICMP
+    # from a spoke's underlay address (not an admin): nothing at all, SSH included
+    seen = probe(net.node_hosts()["node-b"].netns, hub.address, tcp=UNDERLAY_TCP)
+    assert all(v == "filtered" for v in seen["tcp"].values()), seen
+    # WireGuard's port is open: the spokes' handshakes go through it (see above); and
+    # without the rule, a closed UDP port would answer ICMP: the firewall is what silences it
+    assert hub.exec(["nft", "list", "table", "inet", "dstack_vpn"]).returncode == 0
+
+
+def test_underlay_exposure_of_the_spokes(net):
+    hosts = net.node_hosts()
+    listen(net, "node-c", 9000)
+    status_listener = ssh(net, "node-c", "ss -ltnH 'sport = :8000' | grep -q .").returncode != 0
+    if status_listener:
+        listen(net, "node-c", 8000)
+    try:
+        for src in (net.lab.op_ns, hosts["node-a"].netns, hosts["hub"].netns):
+            seen = probe(src, hosts["node-c"].address, tcp=UNDERLAY_TCP, udp=UNDERLAY_UDP)
+            expected = {8000, 22} if src == net.lab.op_ns else {8000}
+            assert {p for p, v in seen["tcp"].items() if v != "filtered"} == expected, (src, seen)
+            assert seen["tcp"][8000] == "open"
+            assert all(v == "silent" for v in seen["udp"].values()), (src, seen)
+    finally:
+        unlisten(net, "node-c", 9000)
+        if status_listener:
+            unlisten(net, "node-c", 8000)
+
+
+def secret_values(net) -> dict[str, str]:
+    """Every private key the program holds: WireGuard, preshared, deploy SSH key."""
+    out = {}
+    for record in net.engine.state.records.values():
+        if record.type == "pulumi-python:dynamic:Resource" and record.outputs.get("kind") in ("wireguard", "preshared"):
+            out[record.urn.split("::")[-1]] = record.outputs["private_key"]
+    # the deploy key's body lines, past the first (which every OpenSSH ed25519 key shares)
+    for i, line in enumerate(net.deploy_key()[0].strip().splitlines()[2:-1]):
+        out[f"deploy-key-{i}"] = line
+    return out
+
+
+def test_private_keys_only_in_the_wireguard_config(net):
+    secrets = secret_values(net)
+    assert len([k for k in secrets if k.endswith("-wg-key")]) == 4
+    for node, host in net.node_hosts().items():
+        # everything the host wrote to its disk since the image, checked from outside
+        found = []
+        for path in host.upper.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [(str(path.relative_to(host.upper)), name) for name, s in secrets.items()
+                          if s.encode() in data]
+        own = [f for f in found if f[0] == "etc/wireguard/wg0.conf"]
+        assert found == own, (node, found)
+        own_key = f"{node}-wg-key"
+        assert ("etc/wireguard/wg0.conf", own_key) in own, (node, found)
+        assert ssh(net, node, "stat -c '%a %U' /etc/wireguard/wg0.conf").stdout.split() == ["600", "root"]
+        # nor in any process's arguments or environment, nor in the journal: read from
+        # outside (the host's cgroup and root), so no secret travels to the host for the check
+        leaks = [(what, name) for what, data in process_texts(host) for name, s in secrets.items()
+                 if s.encode() in data]
+        assert leaks == [], (node, leaks)
+        journal = journal_text(host)
+        assert journal and not [name for name, s in secrets.items() if s in journal], node
+
+
+def process_texts(host):
+    pids = set()
+    for cgroup in host.cgroups:
+        for procs in cgroup.rglob("cgroup.procs"):
+            pids |= {int(p) for p in procs.read_text().split()}
+    assert len(pids) > 3, pids  # systemd, sshd, wireguard-go, ...
+    for pid in sorted(pids):
+        for field in ("cmdline", "environ"):
+            try:
+                yield f"{pid}/{field}", Path(f"/proc/{pid}/{field}").read_bytes()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+
+
+def journal_text(host) -> str:
+    root = Path(f"/proc/{host.guest_pid()}/root")
+    dirs = [d for d in (root / "run/log/journal", root / "var/log/journal") if d.exists()]
+    out = subprocess.run(["journalctl", "-q", "--no-pager", "-o", "cat", *[f"--directory={d}" for d in dirs]],
+                         capture_output=True, text=True)
+    return out.stdout
+
+
+def test_second_up_with_nothing_changed_runs_nothing(net):
+    assert len(net.first_up.actions) > 20
+    result = net.up()
+    assert result.actions == []
