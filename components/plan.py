@@ -9,6 +9,7 @@ from .config import NetworkConfig, SpokeConfig
 RULES_DIR = "/etc/dstack-vpn"
 RULES_PATH = RULES_DIR + "/firewall.nft"
 SYSCTL_PATH = "/etc/sysctl.d/90-dstack-vpn.conf"
+STATUS_DIR = "/usr/local/lib/dstack-vpn"
 
 
 def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -53,3 +54,9 @@ def cloud_firewall_outbound() -> list[dict]:
     anywhere = ["0.0.0.0/0", "::/0"]
     return [dict(protocol=p, port_range="1-65535" if p != "icmp" else None, destination_addresses=anywhere)
             for p in ("tcp", "udp", "icmp")]
+
+
+def status_values(cfg: NetworkConfig, spoke: SpokeConfig, hub_public_key) -> dict:
+    """The status service's settings on a spoke (it listens on every address; the firewall decides)."""
+    return dict(install_dir=STATUS_DIR, node_name=spoke.name, overlay_ip=spoke.address, interface=cfg.interface,
+                listen_address="0.0.0.0", listen_port=cfg.status_port, hub_public_key=hub_public_key)

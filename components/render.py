@@ -12,7 +12,9 @@ from typing import Any
 
 import jinja2
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
+STATUS_PROGRAM = ROOT / "status" / "dstack_vpn_status.py"
 
 
 @lru_cache(maxsize=1)
@@ -37,7 +39,27 @@ def render(template: str, **values: Any) -> str:
     return environment().get_template(template).render(**values)
 
 
+# The last line of every file a step receives on stdin: its absence means the
+# file was cut short on the way, and the step changes nothing.
+END_MARKER = "# dstack-vpn: end of file"
+
+
+def framed(text: str) -> str:
+    """A file as a step receives it on stdin: the text, then the end line."""
+    return text + ("" if text.endswith("\n") else "\n") + END_MARKER + "\n"
+
+
+def script(step: str, script_template: str, **values: Any) -> str:
+    """A step's bash script."""
+    return render(script_template, step=step, end_marker=END_MARKER, **values)
+
+
 def command(step: str, script_template: str, user: str, **values: Any) -> str:
     """The command string of a remote step: its script run as root by bash."""
-    script = render(script_template, step=step, **values)
-    return render("scripts/run.sh", step=step, user=user, script=script).strip() + "\n"
+    text = script(step, script_template, **values)
+    return render("scripts/run.sh", step=step, user=user, script=text).strip() + "\n"
+
+
+def status_program() -> str:
+    """The status service, as it lands on a spoke (a program of its own, not a template)."""
+    return STATUS_PROGRAM.read_text()

@@ -63,6 +63,8 @@ class Spoke(pulumi.ComponentResource):
                  render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, spoke))),
             Step("wireguard", plan.interface_values(cfg, spoke.address),
                  pulumi.Output.secret(wg_conf), secret=True, after=args["hub_ready"]),
+            Step("status", plan.status_values(cfg, spoke, pulumi.Output.from_input(args["hub_public_key"])),
+                 render.status_program()),
         ]
         self.commands = run_steps(host, steps, parent=self)
         self.register_outputs({})

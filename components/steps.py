@@ -38,20 +38,27 @@ class Host:
     """Replace every step when these change (e.g. a new droplet under the same address)."""
 
 
+def _command(step: Step, template: str, user: str) -> pulumi.Input[str]:
+    """The step's command string; rendered once its values are known (some are outputs)."""
+    if not any(isinstance(v, pulumi.Output) for v in step.values.values()):
+        return render.command(step.name, template, user, **step.values)
+    return pulumi.Output.all(**step.values).apply(lambda v: render.command(step.name, template, user, **v))
+
+
 def run_steps(host: Host, steps: Sequence[Step], parent: pulumi.Resource,
               depends_on: Sequence[pulumi.Resource] = ()) -> list[remote.Command]:
     commands: list[remote.Command] = []
     previous: list[pulumi.Resource] = list(depends_on)
     for step in steps:
-        create = render.command(step.name, f"scripts/{step.name}.sh", host.user, **step.values)
-        delete = render.command(step.name, f"scripts/{step.name}-undo.sh", host.user, **step.values)
+        create = _command(step, f"scripts/{step.name}.sh", host.user)
+        delete = _command(step, f"scripts/{step.name}-undo.sh", host.user)
         cmd = remote.Command(
             f"{host.name}-{step.name}",
             connection=host.connection,
             create=create,
             update=create,
             delete=delete,
-            stdin=step.stdin,
+            stdin=None if step.stdin is None else pulumi.Output.from_input(step.stdin).apply(render.framed),
             triggers=list(host.triggers) or None,
             add_previous_output_in_env=False,
             logging=remote.Logging.NONE if step.secret else remote.Logging.STDOUT_AND_STDERR,

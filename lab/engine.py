@@ -213,11 +213,11 @@ class Engine:
 
     # -- the two commands ----------------------------------------------------
     def up(self, settings: dict[str, Any], secret_keys: tuple[str, ...] = SECRET_KEYS,
-           stack: str = "lab", program: Path = ROOT / "__main__.py") -> Result:
+           stack: str = "lab", program: Path = ROOT / "__main__.py", continue_on_error: bool = False) -> Result:
         self.result, self.registered, self.pending_deletes, self.errors = Result(), set(), [], []
         try:
             self.result.outputs = run_program(_Monitor(self), _NoMocks(), settings, stack, secret_keys=secret_keys,
-                                              program=program)
+                                              program=program, continue_on_error=continue_on_error)
         except Exception as err:
             with self.lock:
                 self.idle.wait_for(lambda: self.in_flight == 0)

@@ -22,8 +22,11 @@ SECRET_KEYS = ("sshPrivateKey", "nodeSecrets")
 
 def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], stack: str,
                 preview: bool = False, secret_keys: tuple[str, ...] = SECRET_KEYS,
-                program: Path = ROOT / "__main__.py") -> dict[str, Any]:
-    """Run `program` with `config` (this project's keys) and return its exports."""
+                program: Path = ROOT / "__main__.py", continue_on_error: bool = False) -> dict[str, Any]:
+    """Run `program` with `config` (this project's keys) and return its exports.
+
+    continue_on_error: as `pulumi up --continue-on-error`, every registration
+    that does not depend on a failed one still runs before the error is raised."""
     # A fresh runtime and event loop: nothing left over from an earlier (failed) run.
     psettings.reset_options(project=PROJECT, stack=stack, preview=preview)
     old_loop = asyncio.get_event_loop_policy().get_event_loop() if _has_loop() else None
@@ -35,7 +38,12 @@ def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], st
         [f"{PROJECT}:{k}" for k in secret_keys if k in config])
     sys.path.insert(0, str(program.parent))
     try:
-        sync_await._sync_await(pstack.run_pulumi_func(lambda: runpy.run_path(str(program), run_name="__main__")))
+        try:
+            sync_await._sync_await(pstack.run_pulumi_func(lambda: runpy.run_path(str(program), run_name="__main__")))
+        except Exception:
+            if continue_on_error:
+                sync_await._sync_await(_drain())
+            raise
         root = psettings.get_root_resource()
         return {key: sync_await._sync_await(pulumi.Output.from_input(value).future(with_unknowns=True))
                 for key, value in (getattr(root, "outputs", None) or {}).items()}
@@ -44,6 +52,16 @@ def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], st
         loop.close()
         if old_loop is not None and not old_loop.is_closed():
             asyncio.set_event_loop(old_loop)
+
+
+async def _drain() -> None:
+    """Let every outstanding registration settle, failed or not."""
+    manager = psettings._get_rpc_manager()
+    while manager.rpcs or psettings.SETTINGS.outputs:
+        pending = list(manager.rpcs) + list(psettings.SETTINGS.outputs)
+        manager.rpcs.clear()
+        psettings.SETTINGS.outputs.clear()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _has_loop() -> bool:

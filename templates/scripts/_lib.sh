@@ -17,3 +17,17 @@ install_stdin() {
 	chmod "$mode" "$tmp"
 	mv -f "$tmp" "$dest"
 }
+
+# receive FILE: the step's file from stdin, whole or not at all. The program ends
+# it with an end line; a connection lost on the way leaves none, and nothing changes.
+receive() {
+	local raw="$1.partial"
+	cat >"$raw"
+	if [ "$(tail -n 1 "$raw")" != {{ end_marker | shquote }} ]; then
+		rm -f "$raw"
+		echo "dstack-vpn {{ step }}: the file arrived incomplete (connection lost?); nothing changed" >&2
+		return 1
+	fi
+	head -n -1 "$raw" >"$1"
+	rm -f "$raw"
+}

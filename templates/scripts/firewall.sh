@@ -3,7 +3,7 @@
 mkdir -p {{ rules_dir }}
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-cat >"$stage/rules.nft"
+receive "$stage/rules.nft"
 nft -c -f "$stage/rules.nft"
 install_stdin 0644 {{ rules_path }} <"$stage/rules.nft"
 nft -f {{ rules_path }}

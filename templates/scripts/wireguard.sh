@@ -7,7 +7,7 @@ mkdir -p /etc/wireguard
 chmod 0700 /etc/wireguard
 stage=$(mktemp -d /etc/wireguard/.dstack-vpn.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
-cat >"$stage/$IF.conf"
+receive "$stage/$IF.conf"
 # wg-quick strip parses the whole file: a broken config stops here, before anything changes.
 wg-quick strip "$stage/$IF.conf" >"$stage/wg.conf"
 install_stdin 0600 "$CONF" <"$stage/$IF.conf"

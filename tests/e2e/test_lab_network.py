@@ -205,3 +205,50 @@ def test_second_up_with_nothing_changed_runs_nothing(net):
     assert len(net.first_up.actions) > 20
     result = net.up()
     assert result.actions == []
+
+
+def fetch_status(netns_or_host, address, path="/status"):
+    """GET from inside a lab namespace (a spoke's, the hub's or the operator's)."""
+    code = ("import json,sys,urllib.request as u\n"
+            f"r=u.urlopen('http://{address}:8000{path}',timeout=5)\n"
+            "print(json.dumps({'code':r.status,'body':json.loads(r.read())}))")
+    out = subprocess.run(["ip", "netns", "exec", netns_or_host, "python3", "-c", code],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    import json
+    return json.loads(out.stdout)
+
+
+def test_status_page_of_every_spoke_over_the_overlay_and_the_underlay(net):
+    nodes, hosts = net.nodes(), net.node_hosts()
+    net.reachability()  # traffic, so every handshake is fresh
+    for node in SPOKES:
+        # underlay: from the operator's namespace
+        got = fetch_status(net.lab.op_ns, hosts[node].address)
+        assert got["code"] == 200
+        status = got["body"]
+        assert status["node"] == node and status["overlay_ip"] == nodes[node]["address"]
+        assert status["interface"] == "wg0"
+        assert status["peer_count"] == 1 and status["peers_up"] == 1
+        assert 0 <= status["max_last_handshake_sec"] < 180
+        (peer,) = status["peers"]
+        assert peer["public_key"] == nodes["hub"]["public_key"]
+        assert peer["allowed_ips"] == ["10.88.0.0/24"] and peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
+        assert isinstance(status["disk_free_gb"], float) and status["time"].endswith("Z")
+        assert "postgres" not in status
+        # overlay: from another spoke, through the hub
+        other = next(n for n in SPOKES if n != node)
+        code = (f"import urllib.request as u;print(u.urlopen('http://{nodes[node]['address']}:8000/health',"
+                f"timeout=5).read().decode())")
+        health = ssh(net, other, f"python3 -c \"{code}\"")
+        assert health.returncode == 0 and '"ok": true' in health.stdout.replace('"ok":true', '"ok": true')
+        # the service runs unprivileged, with one capability (two where WireGuard is in userspace)
+        unit = ssh(net, node, "systemctl show -p User -p DynamicUser -p AmbientCapabilities dstack-vpn-status")
+        assert "DynamicUser=yes" in unit.stdout and "cap_net_admin" in unit.stdout
+    secrets = secret_values(net)
+    for node in SPOKES:
+        text = subprocess.run(["ip", "netns", "exec", net.lab.op_ns, "python3", "-c",
+                               f"import urllib.request as u;print(u.urlopen('http://{hosts[node].address}:8000/status')"
+                               f".read().decode());print(u.urlopen('http://{hosts[node].address}:8000/metrics')"
+                               f".read().decode())"], capture_output=True, text=True, timeout=30).stdout
+        assert text and not [name for name, s in secrets.items() if s in text]

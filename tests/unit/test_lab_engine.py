@@ -78,7 +78,7 @@ def commands(calls, op=None):
 def test_converge_then_nothing_runs(lab):
     engine, rec = lab
     engine.up(settings())
-    assert len(commands(rec.calls, "create")) == 13
+    assert len(commands(rec.calls, "create")) == 4 + 3 * 4
     assert ("create", "hub") in rec.calls and ("create", "hub-ip-assignment") in rec.calls
     rec.calls.clear()
     result = engine.up(settings())
@@ -93,7 +93,8 @@ def test_add_a_spoke_runs_its_steps_and_the_hub_peer_step_only(lab):
     spokes = program.stack_config()["spokes"] + [{"name": "node-d", "kind": "ssh", "host": "198.51.100.30",
                                                    "allowUnknownHostKey": True}]
     engine.up(settings(spokes=spokes))
-    assert commands(rec.calls) == ["hub-wireguard", "node-d-firewall", "node-d-install", "node-d-wireguard"]
+    assert commands(rec.calls) == ["hub-wireguard", "node-d-firewall", "node-d-install", "node-d-status",
+                                  "node-d-wireguard"]
     assert ("update", "hub-wireguard") in rec.calls
 
 
@@ -182,3 +183,18 @@ def test_state_file_is_private(lab):
     engine, _ = lab
     engine.up(settings())
     assert engine.state.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_continue_on_error_converges_everything_else(tmp_path):
+    rec = Recorder(fail_on={"node-b-install"})
+    engine = Engine(tmp_path / "state.json", {"": rec}, log=lambda _: None)
+    with pytest.raises(EngineError, match="node-b-install"):
+        engine.up(settings(), continue_on_error=True)
+    done = {u.split("::")[-1] for u in engine.state.records}
+    # everything but node-b's own steps (which wait for its install) converged
+    assert {"hub-wireguard", "node-a-wireguard", "node-c-wireguard"} <= done
+    assert not {"node-b-install", "node-b-firewall", "node-b-wireguard"} & done
+    rec.fail_on.clear()
+    rec.calls.clear()
+    Engine(tmp_path / "state.json", {"": rec}, log=lambda _: None).up(settings())
+    assert commands(rec.calls) == ["node-b-firewall", "node-b-install", "node-b-status", "node-b-wireguard"]

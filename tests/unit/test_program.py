@@ -37,7 +37,7 @@ def test_resource_graph_of_the_example_stack(example):
     assert count("digitalocean:index/reservedIp:ReservedIp") == 1
     assert count("digitalocean:index/reservedIpAssignment:ReservedIpAssignment") == 1
     assert count("digitalocean:index/sshKey:SshKey") == 1
-    assert count(CMD) == 4 + 3 * 3
+    assert count(CMD) == 4 + 3 * 4
     assert count(program.DYNAMIC) == 4 + 3 + 2  # wg keys, preshared keys, droplet host keys
     assert sorted(r.name for r in example.of_type(CMD) if r.name.startswith("hub-")) == [
         "hub-firewall", "hub-forwarding", "hub-install", "hub-wireguard"]
@@ -57,7 +57,8 @@ def test_parentage(example):
 
 def test_steps_run_in_order_and_undo_before_replace(example):
     chains = {"hub": ["install", "forwarding", "firewall", "wireguard"],
-              "node-a": ["install", "firewall", "wireguard"], "node-b": ["install", "firewall", "wireguard"]}
+              "node-a": ["install", "firewall", "wireguard", "status"],
+              "node-b": ["install", "firewall", "wireguard", "status"]}
     for host, chain in chains.items():
         for before, after in zip(chain, chain[1:]):
             assert example.named(f"{host}-{before}").urn in example.named(f"{host}-{after}").dependencies
@@ -193,7 +194,7 @@ def test_bad_config_registers_nothing():
 
 def test_preview_with_unknown_values_does_not_fail():
     run = program.run(settings(), preview=True)
-    assert len(run.of_type(CMD)) == 13
+    assert len(run.of_type(CMD)) == 16
     # unknown outputs stay unknown, nothing is invented
     assert run.outputs["hubPublicIp"] is pulumi.output.UNKNOWN
 

@@ -103,6 +103,9 @@ SCRIPT_VALUES = {
     "forwarding": {"sysctl_path": plan.SYSCTL_PATH},
     "firewall": {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
     "wireguard": {"interface": "wg0", "address": "10.88.0.11", "prefixlen": 24},
+    "status": {"install_dir": plan.STATUS_DIR, "node_name": "node-a", "overlay_ip": "10.88.0.11", "interface": "wg0",
+               "listen_address": "0.0.0.0", "listen_port": 8000,
+               "hub_public_key": "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI="},
 }
 
 
@@ -112,7 +115,7 @@ SCRIPT_VALUES = {
 def test_step_scripts_pass_shellcheck(step, undo, user, tmp_path):
     shellcheck = need_tool("shellcheck")
     name = f"scripts/{step}{'-undo' if undo else ''}.sh"
-    script = render.render(name, step=step, **SCRIPT_VALUES[step])
+    script = render.script(step, name, **SCRIPT_VALUES[step])
     path = tmp_path / "step.sh"
     path.write_text(script)
     out = subprocess.run([shellcheck, "-s", "bash", "-S", "warning", str(path)], capture_output=True, text=True)
@@ -151,3 +154,22 @@ def test_missing_value_is_an_error():
     import jinja2
     with pytest.raises(jinja2.UndefinedError):
         render.render("wireguard/spoke.conf", private_key="x")
+
+
+@pytest.mark.parametrize("cut", [None, 0, 10, -len(render.END_MARKER) - 1, -3])
+def test_a_file_cut_short_on_the_way_changes_nothing(tmp_path, cut):
+    """receive() installs a step's stdin file only when its end line arrived."""
+    body = "[Interface]\nPrivateKey = x\n"
+    sent = render.framed(body)
+    if cut is not None:
+        sent = sent[:cut]
+    lib = render.script("test", "scripts/_lib.sh")
+    dest = tmp_path / "wg0.conf"
+    out = subprocess.run(["bash", "-c", lib + f'\nreceive {dest}'], input=sent, capture_output=True, text=True)
+    if cut is None:
+        assert out.returncode == 0, out.stderr
+        assert dest.read_text() == body
+    else:
+        assert out.returncode != 0 and "incomplete" in out.stderr
+        assert not dest.exists()
+    assert list(tmp_path.iterdir()) == ([dest] if cut is None else [])
