@@ -91,6 +91,10 @@ class ReservedIps(Base):
 class Assignments(Base):
     def create(self, urn, inputs):
         host = self.cloud.droplet_host(inputs["dropletId"])
+        # Assigning a reserved IP moves it, as DigitalOcean's assign action does.
+        for other in self.cloud.lab.hosts.values():
+            if inputs["ipAddress"] in other.extra_addresses:
+                other.remove_address(inputs["ipAddress"])
         host.add_address(inputs["ipAddress"])
         return f"{inputs['ipAddress']}-{inputs['dropletId']}", dict(inputs)
 

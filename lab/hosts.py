@@ -90,9 +90,16 @@ def _cgroup_roots() -> list[Path]:
 
 
 def _cgroup_pids(cgroup: Path) -> list[int]:
+    """Every process in the cgroup tree; sub-cgroups come and go while a guest boots or stops."""
     pids = []
-    for procs in cgroup.rglob("cgroup.procs") if cgroup.is_dir() else ():
-        pids += [int(p) for p in procs.read_text().split()]
+    try:
+        for procs in cgroup.rglob("cgroup.procs") if cgroup.is_dir() else ():
+            try:
+                pids += [int(p) for p in procs.read_text().split()]
+            except (FileNotFoundError, ProcessLookupError, OSError):
+                continue
+    except FileNotFoundError:
+        pass
     return pids
 
 

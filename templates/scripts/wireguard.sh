@@ -13,21 +13,54 @@ wg-quick strip "$stage/$IF.conf" >"$stage/wg.conf"
 install_stdin 0600 "$CONF" <"$stage/$IF.conf"
 
 if ip link show dev "$IF" >/dev/null 2>&1; then
-	# Running: apply the new keys and peer list in place; no tunnel drops.
-	wg syncconf "$IF" "$stage/wg.conf"
+	# Running: apply only what changed, peer by peer; unchanged peers are not
+	# touched, so no tunnel drops a packet. (`wg syncconf` rewrites every peer;
+	# on wireguard-go 0.0.20220316 that stopped forwarding between spokes until
+	# their next handshake, as measured in the lab.)
+	peers() { awk -F' = ' -v OFS='\t' '
+		function out() { if (k != "") print k, (p == "" ? "-" : p), a, (e == "" ? "-" : e), (ka == "" ? "off" : ka) }
+		/^\[/ { out(); k = p = a = e = ka = "" }
+		$1 == "PublicKey" { k = $2 } $1 == "PresharedKey" { p = $2 } $1 == "Endpoint" { e = $2 }
+		$1 == "AllowedIPs" { a = $2; gsub(/ /, "", a) } $1 == "PersistentKeepalive" { ka = $2 }
+		END { out() }' "$1" | sort; }
+	# Peers as "key psk allowed-ips endpoint keepalive" lines, wanted and running;
+	# keys stay in files (never in a command's arguments).
+	peers "$stage/wg.conf" >"$stage/want"
+	awk -F'\t' -v OFS='\t' '{ $4 = "-"; print }' "$stage/want" | sort >"$stage/want-no-endpoint"
+	wg show "$IF" dump | awk -F'\t' -v OFS='\t' 'NR > 1 { print $1, ($2 == "(none)" ? "-" : $2), $4, "-", $8 }' |
+		sort >"$stage/have"
+	awk -F'\t' -v OFS='\t' '$4 != "-" { print $1, $4 }' "$stage/want" | sort >"$stage/want-endpoints"
+	wg show "$IF" endpoints | sort >"$stage/have-endpoints"
+	# gone: remove; new or changed (settings or configured endpoint): set
+	comm -13 <(cut -f1 "$stage/want" | sort) <(cut -f1 "$stage/have" | sort) >"$stage/gone"
+	{ comm -23 "$stage/want-no-endpoint" "$stage/have" | cut -f1
+		comm -23 "$stage/want-endpoints" "$stage/have-endpoints" | cut -f1; } | sort -u >"$stage/changed"
+	while read -r key; do wg set "$IF" peer "$key" remove; done <"$stage/gone"
+	while IFS=$'\t' read -r key psk ips endpoint keepalive; do
+		grep -qxF "$key" "$stage/changed" || continue
+		if [ "$psk" = - ]; then : >"$stage/psk"; else printf '%s\n' "$psk" >"$stage/psk"; fi
+		set -- peer "$key" preshared-key "$stage/psk" allowed-ips "$ips" persistent-keepalive "${keepalive/off/0}"
+		if [ "$endpoint" != - ]; then set -- "$@" endpoint "$endpoint"; fi
+		wg set "$IF" "$@"
+	done <"$stage/want"
+	grep '^PrivateKey = ' "$stage/wg.conf" | cut -d' ' -f3 >"$stage/key"
+	if [ "$(cat "$stage/key")" != "$(wg show "$IF" private-key)" ]; then wg set "$IF" private-key "$stage/key"; fi
+	port=$(awk -F' = ' '$1 == "ListenPort" { print $2 }' "$stage/wg.conf")
+	if [ -n "$port" ] && [ "$port" != "$(wg show "$IF" listen-port)" ]; then wg set "$IF" listen-port "$port"; fi
 	for old in $(ip -4 -o address show dev "$IF" | awk '{print $4}'); do
 		if [ "$old" != "$ADDRESS" ]; then ip address del "$old" dev "$IF"; fi
 	done
 	ip address replace "$ADDRESS" dev "$IF"
 	ip link set up dev "$IF"
 	# Routes as wg-quick makes them: one per allowed network not already covered.
-	for net in $(wg show "$IF" allowed-ips | tr ' \t' '\n\n' | grep '/' | sort -u); do
-		case $net in *:*) continue ;; esac
+	# (field 1 is the peer's key, base64 with '/' in it; field 2 its networks)
+	for net in $(wg show "$IF" allowed-ips | cut -f2 | tr ' ' '\n' | sort -u); do
+		case $net in *:* | "(none)" | "") continue ;; esac
 		if [ -z "$(ip -4 route show dev "$IF" match "$net" 2>/dev/null)" ]; then
 			ip -4 route add "$net" dev "$IF"
 		fi
 	done
-	say "peer list applied with wg syncconf; $IF kept up"
+	say "changes applied in place; $IF kept up"
 elif have_systemd; then
 	systemctl restart "wg-quick@$IF.service"
 	say "$IF up (wg-quick@$IF)"
