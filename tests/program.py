@@ -108,6 +108,7 @@ class Mocks(pulumi.runtime.Mocks):
         self.seed = seed
         self.lock = threading.Lock()
         self.made_secrets: list[str] = []
+        self.calls: list[str] = []
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         from components import keys
@@ -139,6 +140,8 @@ class Mocks(pulumi.runtime.Mocks):
         return f"{args.name}-id", outs
 
     def call(self, args: pulumi.runtime.MockCallArgs):
+        # a provider function (data source) would need the cloud even in a preview
+        self.calls.append(args.token)
         return {}
 
 
@@ -191,4 +194,6 @@ def run(settings: dict[str, Any], secret_keys: tuple[str, ...] = SECRET_KEYS,
     mocks = Mocks(preview=preview, seed=seed)
     monitor = RecordingMonitor(mocks)
     outputs = run_program(monitor, mocks, settings, stack="test", preview=preview, secret_keys=secret_keys)
-    return Run(monitor.registrations, outputs, mocks.made_secrets)
+    run = Run(monitor.registrations, outputs, mocks.made_secrets)
+    run.calls = mocks.calls
+    return run

@@ -197,6 +197,13 @@ def test_preview_with_unknown_values_does_not_fail():
     assert len(run.of_type(CMD)) == 16
     # unknown outputs stay unknown, nothing is invented
     assert run.outputs["hubPublicIp"] is pulumi.output.UNKNOWN
+    assert all(node["public_key"] is pulumi.output.UNKNOWN for name, node in run.outputs["nodes"].items())
+    # no provider function (a data source would need the cloud), no key made, secrets still secret
+    assert run.calls == [] and run.made_secrets == []
+    for name in ("hub", "node-a"):
+        assert program.is_secret_marker(run.named(name).inputs["userData"])
+    assert [r.name for r in run.registrations] and \
+        sorted(r.urn for r in run.registrations) == sorted(r.urn for r in program.run(settings()).registrations)
 
 
 def inputs_by_urn(run):
