@@ -35,6 +35,10 @@ if ip link show dev "$IF" >/dev/null 2>&1; then
 	comm -13 <(cut -f1 "$stage/want" | sort) <(cut -f1 "$stage/have" | sort) >"$stage/gone"
 	{ comm -23 "$stage/want-no-endpoint" "$stage/have" | cut -f1
 		comm -23 "$stage/want-endpoints" "$stage/have-endpoints" | cut -f1; } | sort -u >"$stage/changed"
+	# A new private key first: setting a peer below sends it a keepalive at once,
+	# which then starts the handshake with the new key (no wait for the next one).
+	grep '^PrivateKey = ' "$stage/wg.conf" | cut -d' ' -f3 >"$stage/key"
+	if [ "$(cat "$stage/key")" != "$(wg show "$IF" private-key)" ]; then wg set "$IF" private-key "$stage/key"; fi
 	while read -r key; do wg set "$IF" peer "$key" remove; done <"$stage/gone"
 	while IFS=$'\t' read -r key psk ips endpoint keepalive; do
 		grep -qxF "$key" "$stage/changed" || continue
@@ -43,8 +47,6 @@ if ip link show dev "$IF" >/dev/null 2>&1; then
 		if [ "$endpoint" != - ]; then set -- "$@" endpoint "$endpoint"; fi
 		wg set "$IF" "$@"
 	done <"$stage/want"
-	grep '^PrivateKey = ' "$stage/wg.conf" | cut -d' ' -f3 >"$stage/key"
-	if [ "$(cat "$stage/key")" != "$(wg show "$IF" private-key)" ]; then wg set "$IF" private-key "$stage/key"; fi
 	port=$(awk -F' = ' '$1 == "ListenPort" { print $2 }' "$stage/wg.conf")
 	if [ -n "$port" ] && [ "$port" != "$(wg show "$IF" listen-port)" ]; then wg set "$IF" listen-port "$port"; fi
 	for old in $(ip -4 -o address show dev "$IF" | awk '{print $4}'); do

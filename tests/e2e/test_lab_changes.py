@@ -131,18 +131,23 @@ def test_rotate_one_spoke_key_touches_that_spoke_and_the_hub(net):
     old = net.nodes()["node-c"]["public_key"]
     rotated = spokes(net)
     rotated[2]["keyRotation"] = 1
-    with Probe(net, "node-a", "node-b") as probe:
+    with Probe(net, "node-a", "node-b") as probe, Probe(net, "node-a", "node-c") as rotated_probe:
         result = net.up(spokes=rotated)
         net.save_outputs(result.outputs)
+        time.sleep(3)
     assert probe.lost == 0, probe.lost
+    # the rotated spoke itself is away only while it shakes hands with its new key
+    print(f"rotation: node-c unreachable for {rotated_probe.outage_seconds} s")
+    assert rotated_probe.outage_seconds < 5
     names = {name for _, name in changed(result)}
     assert names == {"node-c-wg-key", "node-c-psk", "node-c-wireguard", "hub-wireguard"}, names
     assert net.nodes()["node-c"]["public_key"] != old
     assert converged(net)
 
 
-@pytest.mark.xfail(strict=True, reason="known: during a whole `up` that changes every firewall, the probe loses "
-                   "about 15 packets (0.8 s); each ruleset swap alone loses none (measured); cause not found yet")
+@pytest.mark.xfail(strict=True, reason="known, open: run right after node-c's key rotation, a 50 ms probe to node-c "
+                   "loses about 15 packets (0.8 s) during this `up`; the same change on a network with no recent "
+                   "rotation lost none (measured three times), each ruleset swap alone none; cause not found yet")
 def test_firewall_change_swaps_rulesets_without_cutting_tunnels(net):
     try:
         with Probe(net, "node-a", "node-c") as probe:
