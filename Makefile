@@ -21,3 +21,7 @@ lab-down: deps
 
 bench: deps
 	.venv/bin/python benchmarks/program_scale.py
+	.venv/bin/python benchmarks/status_load.py
+	.venv/bin/python benchmarks/change_steps.py
+	.venv/bin/python benchmarks/lab_converge.py
+	.venv/bin/python benchmarks/lab_changes.py

@@ -95,10 +95,13 @@ class State:
             json.dump({"resources": {u: r.to_json() for u, r in self.records.items()}}, f, indent=1, sort_keys=True)
         os.replace(tmp, self.path)
 
-    def put(self, record: Record) -> None:
+    def put(self, record: Record, save: bool = True) -> None:
+        """save=False for a record that changed nothing on any host (saved with the rest at the end
+        of the run): saving the whole file for each of them made a run quadratic in its size."""
         with self.lock:
             self.records[record.urn] = record
-            self.save()
+            if save:
+                self.save()
 
     def drop(self, urn: str) -> None:
         with self.lock:
@@ -178,7 +181,7 @@ class Engine:
                 if change == "none":
                     old.dependencies, old.parent = new.dependencies, new.parent
                     old.inputs = inputs
-                    self.state.put(old)
+                    self.state.put(old, save=False)
                     return old.id, old.outputs
                 if change == "update":
                     new.id = old.id
@@ -221,8 +224,10 @@ class Engine:
         except Exception as err:
             with self.lock:
                 self.idle.wait_for(lambda: self.in_flight == 0)
+            self.state.save()
             message = "; ".join(self.errors) or str(err)
             raise EngineError(message) from err
+        self.state.save()
         gone = [r for u, r in self.state.records.items() if u not in self.registered]
         self._delete(gone + self.pending_deletes)
         return self.result

@@ -6,55 +6,19 @@ the last one destroys it and compares the hosts with their state before the firs
 """
 from __future__ import annotations
 
-import re
-import subprocess
-import threading
 import time
 
 import pytest
 
 from conftest import need_root
+from lab.probe import Probe
 
-PROBE_INTERVAL = 0.05
 # What the program may touch on a host, listed before the first `up` and after `destroy`.
 LISTING = ("set +e; ls -lA --time-style=+ /etc/wireguard /etc/dstack-vpn /usr/local/lib/dstack-vpn /var/lib/dstack-vpn "
            "/etc/sysctl.d 2>&1; ls /etc/systemd/system /etc/systemd/system/multi-user.target.wants 2>&1; "
            "ip -o link | sed 's/^[0-9]*: //; s/ state .*//'; nft list tables; sysctl net.ipv4.ip_forward; "
            "dpkg-query -W -f '${Package} ${Status}\\n' wireguard-tools wireguard-go nftables 2>&1; "
            "systemctl list-unit-files 'dstack-vpn*' 'wg-quick*' --no-legend 2>&1")
-
-
-class Probe:
-    """ping every 50 ms from one spoke to another over the overlay; counts what was lost."""
-
-    def __init__(self, net, src: str, dst: str):
-        self.net, self.src, self.dst = net, src, dst
-
-    def __enter__(self):
-        address = self.net.nodes()[self.dst]["address"]
-        argv = self.net.lab.ssh_argv(self.net.node_hosts()[self.src], f"exec ping -n -O -i {PROBE_INTERVAL} -W 1 {address}")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self.reader.start()
-        time.sleep(1)
-        return self
-
-    def __exit__(self, *exc):
-        time.sleep(1.5)  # the last packets' answers
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.reader.join(5)
-        replies = {int(m.group(1)) for m in map(re.compile(r"icmp_seq=(\d+) ttl").search, self.lines) if m}
-        seen = {int(m.group(1)) for m in map(re.compile(r"icmp_seq=(\d+)").search, self.lines) if m}
-        last = max(seen, default=0) - int(1 / PROBE_INTERVAL)  # still in flight at the end
-        self.sent = len([s for s in seen if s <= last])
-        self.lost = len([s for s in seen if s <= last and s not in replies])
-        return False
-
-    @property
-    def outage_seconds(self) -> float:
-        return round(self.lost * PROBE_INTERVAL, 2)
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +192,8 @@ def test_step_cut_short_changes_nothing_and_next_up_converges(net):
 
     host = net.node_hosts()["node-b"]
     before = net.lab.ssh(host, "sha256sum /etc/wireguard/wg0.conf").stdout
+    net.rotations["node-b"] = 1
     rotated = spokes(net)
-    rotated[1]["keyRotation"] = 1
     real = cloud.Cloud.run_remote
 
     def cut(self, urn, inputs, command, stdin):

@@ -1,0 +1,86 @@
+"""Day-two changes in the lab, measured: for adding a spoke, rotating a key, replacing the hub
+and rebooting a host, the time it took, the packets a 50 ms ping between two spokes lost
+meanwhile, and the remote steps the change ran.
+
+Run as root: .venv/bin/python benchmarks/lab_changes.py
+Prints JSON, one object per change. `lost` is counted on a probe between two spokes the change
+does not touch (node-a to node-b); `own_outage_s` is the changed node's own time away, where
+there is one.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lab.network import LabNetwork, stack_settings  # noqa: E402
+from lab.probe import Probe  # noqa: E402
+
+NODE_D = {"name": "node-d", "kind": "ssh", "address": "10.88.0.14", "host": "198.51.100.23"}
+REMOTE_STEP = "command:remote:Command"
+
+
+def remote_steps(result) -> int:
+    return sum(1 for a in result.actions if a.type == REMOTE_STEP)
+
+
+def measure(net: LabNetwork, change: str, act, own: str | None = None) -> dict:
+    """Runs `act` with a probe between the untouched spokes (and one to `own`), then waits for
+    full reachability."""
+    with ExitStack() as probes:
+        others = probes.enter_context(Probe(net, "node-a", "node-b"))
+        own_probe = probes.enter_context(Probe(net, "node-a", own)) if own else None
+        t0 = time.monotonic()
+        result = act()
+        converge = net.wait_converged(120)
+        seconds = time.monotonic() - t0
+    assert all(net.reachability().values()), f"{change}: not converged"
+    row = {"change": change, "seconds_to_full_reachability": round(seconds, 2),
+           "after_action_s": round(converge, 2), "probes_sent": others.sent, "lost": others.lost,
+           "remote_steps": remote_steps(result) if result else 0}
+    if own_probe:
+        row["own_outage_s"] = own_probe.outage_seconds
+    return row
+
+
+def main() -> None:
+    net = LabNetwork(name="dvm", log=lambda *_: None)
+    base = [dict(s) for s in stack_settings()["spokes"]]
+    for spoke in base:
+        if spoke["kind"] == "droplet":
+            spoke["image"] = "ubuntu-24-04-x64"  # its own, so a new hub image leaves it alone
+    rows = []
+    try:
+        net.lab.cleanup_stale()
+        net.lab.prepare()
+        net.settings(spokes=base + [NODE_D])  # boots every `ssh` spoke's host first, as for real
+        net.save_outputs(net.up(spokes=base).outputs)
+        net.wait_converged(60)
+
+        def up(spokes, **more):
+            result = net.up(spokes=spokes, **more)
+            net.save_outputs(result.outputs)
+            return result
+
+        rows.append(measure(net, "1 add a spoke", lambda: up(base + [NODE_D])))
+        rotated = [dict(s) for s in base + [NODE_D]]
+        rotated[2]["keyRotation"] = 1
+        rows.append(measure(net, "3 rotate node-c's key", lambda: up(rotated), own="node-c"))
+        rows.append(measure(net, "5 replace the hub", lambda: up(rotated, hubImage="ubuntu-22-04-x64")))
+        for node in ("node-c", "hub"):
+            host = net.node_hosts()[node]
+            rows.append(measure(net, f"6 reboot {node}", lambda: host.reboot(timeout=90) and None,
+                                own=None if node == "hub" else node))
+    finally:
+        net.down()
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
