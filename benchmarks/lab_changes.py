@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from lab.network import LabNetwork, stack_settings  # noqa: E402
 from lab.probe import Probe  # noqa: E402
 
-NODE_D = {"name": "node-d", "kind": "ssh", "address": "10.88.0.14", "host": "198.51.100.23"}
+NODE_E = {"name": "node-e", "kind": "ssh", "address": "10.88.0.15", "host": "198.51.100.24"}
 REMOTE_STEP = "command:remote:Command"
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     try:
         net.lab.cleanup_stale()
         net.lab.prepare()
-        net.settings(spokes=base + [NODE_D])  # boots every `ssh` spoke's host first, as for real
+        net.settings(spokes=base + [NODE_E])  # boots every `ssh` spoke's host first, as for real
         net.save_outputs(net.up(spokes=base).outputs)
         net.wait_converged(60)
 
@@ -67,8 +67,8 @@ def main() -> None:
             net.save_outputs(result.outputs)
             return result
 
-        rows.append(measure(net, "1 add a spoke", lambda: up(base + [NODE_D])))
-        rotated = [dict(s) for s in base + [NODE_D]]
+        rows.append(measure(net, "1 add a spoke", lambda: up(base + [NODE_E])))
+        rotated = [dict(s) for s in base + [NODE_E]]
         rotated[2]["keyRotation"] = 1
         rows.append(measure(net, "3 rotate node-c's key", lambda: up(rotated), own="node-c"))
         rows.append(measure(net, "5 replace the hub", lambda: up(rotated, hubImage="ubuntu-22-04-x64")))

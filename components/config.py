@@ -24,7 +24,7 @@ DSTACK_WG_PORT = 9182
 DSTACK_INTERFACE = "dstack-wg0"
 
 HUB_NAME = "hub"
-SPOKE_KINDS = ("ssh", "droplet")
+SPOKE_KINDS = ("ssh", "droplet", "dstack")
 # First spoke address is .11 (hub .1), as in the spec's example plan.
 FIRST_SPOKE_HOST = 11
 
@@ -35,18 +35,27 @@ INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 SSH_PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( \S.*)?$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# A container image reference: [registry[:port]/]path[:tag][@sha256:digest].
+IMAGE_RE = re.compile(r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+                      r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+# Phala Cloud's CVM names (its CLI's rule) and its slugs (instance types, regions, OS images).
+PHALA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{4,62}$")
+PHALA_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DEFAULT_CONTAINER_IMAGE = "debian:bookworm-slim"
 
 TOP_LEVEL_KEYS = {
     "overlayCidr", "listenPort", "interface", "statusPort",
     "hubRegion", "hubSize", "hubImage", "adminCidrs", "adminSshKeys",
-    "spokes", "nodeSecrets", "sshPrivateKey",
+    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey",
 }
 SPOKE_KEYS = {
     "name", "kind", "address", "host", "port", "user", "hostKey",
     "allowUnknownHostKey", "presharedKey", "keyRotation", "region", "size", "image",
+    "containerImage", "phala",
 }
+PHALA_KEYS = {"name", "instanceType", "region", "diskSize", "osImage"}
 NODE_SECRET_KEYS = {"sshPrivateKey", "wireguardPrivateKey"}
-SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey"}
+SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey"}
 
 
 class ConfigError(ValueError):
@@ -60,6 +69,17 @@ class HubConfig:
     image: str
     address: str
     wireguard_private_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PhalaConfig:
+    """Where the program deploys a dstack spoke on Phala Cloud (its CLI's flags)."""
+    name: str
+    instance_type: str | None = None
+    region: str | None = None
+    disk_size: int | None = None
+    """GB"""
+    os_image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,10 @@ class SpokeConfig:
     region: str | None = None
     size: str | None = None
     image: str | None = None
+    container_image: str | None = None
+    """dstack: the image the WireGuard container runs."""
+    phala: PhalaConfig | None = None
+    """dstack: deploy on Phala Cloud; None: the bundle is an output, deployed by hand."""
     ssh_private_key: str | None = field(default=None, repr=False)
     wireguard_private_key: str | None = field(default=None, repr=False)
 
@@ -92,6 +116,7 @@ class NetworkConfig:
     hub: HubConfig
     spokes: tuple[SpokeConfig, ...]
     ssh_private_key: str | None = field(default=None, repr=False)
+    phala_api_key: str | None = field(default=None, repr=False)
 
     @property
     def prefixlen(self) -> int:
@@ -255,14 +280,25 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
         value = secrets.get(node, {}).get("wireguardPrivateKey")
         return None if value is None else wireguard_key(f"nodeSecrets.{node}.wireguardPrivateKey", value)
 
+    phala_api_key = raw.get("phalaApiKey")
+    if phala_api_key is not None and (not isinstance(phala_api_key, str) or not phala_api_key.strip()
+                                      or any(c.isspace() for c in phala_api_key.strip())):
+        raise ConfigError("phalaApiKey: not a Phala Cloud API key (one word, as the dashboard shows it)")
+
     spokes = _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned,
                      defaults={"region": hub_region, "size": hub_size, "image": hub_image})
+    deployed = [s.name for s in spokes if s.phala is not None]
+    if deployed and phala_api_key is None:
+        raise ConfigError(
+            f"phalaApiKey: required to deploy {', '.join(deployed)} on Phala Cloud "
+            "(pulumi config set --secret phalaApiKey ...); or remove their `phala` settings and deploy the "
+            "bundle by hand")
     hub = HubConfig(region=hub_region, size=hub_size, image=hub_image, address=str(hub_address),
                     wireguard_private_key=pinned(HUB_NAME))
     return NetworkConfig(
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
-        ssh_private_key=deploy_key)
+        ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip())
 
 
 def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:
@@ -314,8 +350,15 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
             wireguard_private_key=pinned(name), ssh_private_key=ssh_key)
         if isinstance(values["key_rotation"], bool):
             raise ConfigError(f"spokes[{i}].keyRotation: expected an integer")
+        for key in ("containerImage", "phala"):
+            if key in item and kind != "dstack":
+                raise ConfigError(f"spokes[{i}].{key}: only for kind 'dstack'")
         if kind == "ssh":
             values.update(_ssh_spoke(i, item, ssh_key or deploy_key))
+        elif kind == "dstack":
+            if ssh_key is not None:
+                raise ConfigError(f"nodeSecrets.{name}.sshPrivateKey: a dstack spoke is not reached over SSH")
+            values.update(_dstack_spoke(i, item))
         else:
             for key in ("host", "port", "user", "hostKey", "allowUnknownHostKey"):
                 if key in item:
@@ -354,6 +397,41 @@ def _ssh_spoke(i: int, item: Mapping[str, Any], key: str | None) -> dict[str, An
         raise ConfigError(f"spokes[{i}].hostKey: not an SSH public key ('ssh-ed25519 AAAA...')")
     return dict(host=host.strip(), port=_port(f"spokes[{i}].port", item.get("port", 22)), user=user,
                 host_key=None if host_key is None else host_key.strip(), allow_unknown_host_key=allow_unknown)
+
+
+def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:
+    for other in ("host", "port", "user", "hostKey", "allowUnknownHostKey", "region", "size", "image"):
+        if other in item:
+            raise ConfigError(f"spokes[{i}].{other}: not for kind 'dstack'; the node runs the rendered app "
+                              "(spokes[].phala holds where Phala Cloud runs it)")
+    image = item.get("containerImage", DEFAULT_CONTAINER_IMAGE)
+    if not isinstance(image, str) or not IMAGE_RE.match(image):
+        raise ConfigError(f"spokes[{i}].containerImage: {image!r} is not an image reference "
+                          "(e.g. debian:bookworm-slim, or pinned: debian:bookworm-slim@sha256:...)")
+    phala = item.get("phala")
+    if phala is None:
+        return dict(container_image=image)
+    setting = f"spokes[{i}].phala"
+    _want(setting, phala, dict, "an object (name, instanceType, region, diskSize, osImage)")
+    _unknown(setting, phala, PHALA_KEYS)
+    name = phala.get("name", f"dstack-vpn-{item['name']}")
+    if not isinstance(name, str) or not PHALA_NAME_RE.match(name):
+        raise ConfigError(f"{setting}.name: {name!r} is not a Phala Cloud CVM name "
+                          "(5-63 letters, digits and '-', starting with a letter)")
+    slugs = {}
+    for key in ("instanceType", "region", "osImage"):
+        value = phala.get(key)
+        if value is not None and (not isinstance(value, str) or not PHALA_SLUG_RE.match(value)):
+            raise ConfigError(f"{setting}.{key}: {value!r} is not a Phala Cloud slug (e.g. tdx.small, dstack-0.5.8)")
+        slugs[key] = value
+    disk = phala.get("diskSize")
+    if disk is not None:
+        _want(f"{setting}.diskSize", disk, int, "a size in GB")
+        if not 10 <= disk <= 2000:
+            raise ConfigError(f"{setting}.diskSize: {disk} GB is out of range; allowed 10-2000")
+    return dict(container_image=image, phala=PhalaConfig(
+        name=name, instance_type=slugs["instanceType"], region=slugs["region"], disk_size=disk,
+        os_image=slugs["osImage"]))
 
 
 def from_pulumi() -> NetworkConfig:

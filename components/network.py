@@ -7,6 +7,7 @@ import pulumi
 import pulumi_digitalocean as do
 
 from .config import HUB_NAME, NetworkConfig
+from .dstack import DstackSpoke
 from .hub import Hub
 from .keys import Key, NodeKey, ssh_public_key
 from .spoke import Spoke
@@ -52,6 +53,17 @@ class Network(pulumi.ComponentResource):
         }, opts=child)
         self.hub_public_ip = self.hub.public_ip
 
+        ssh_spokes = [s for s in config.spokes if s.kind != "dstack"]
+        self.dstack_spokes = {
+            s.name: DstackSpoke(s.name, {
+                "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
+                "public_key": spoke_keys[s.name].public_key,
+                "preshared_key": psks[s.name].private_key if s.name in psks else None,
+                "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
+                "hub_ready": [self.hub.commands[-1]],
+            }, opts=child)
+            for s in config.spokes if s.kind == "dstack"
+        }
         self.spokes = {
             s.name: Spoke(s.name, {
                 "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
@@ -61,7 +73,7 @@ class Network(pulumi.ComponentResource):
                 "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
                 "ssh_key_id": ssh_key.id, "tags": tags,
             }, opts=child)
-            for s in config.spokes
+            for s in ssh_spokes
         }
         self.nodes = {HUB_NAME: {"address": config.hub.address, "public_key": hub_key.public_key}}
         for s in config.spokes:

@@ -10,6 +10,11 @@ RULES_DIR = "/etc/dstack-vpn"
 RULES_PATH = RULES_DIR + "/firewall.nft"
 SYSCTL_PATH = "/etc/sysctl.d/90-dstack-vpn.conf"
 STATUS_DIR = "/usr/local/lib/dstack-vpn"
+# dstack spokes: a tmpfs of the container, where the keys and the rendered files live.
+DSTACK_KEY_DIR = "/run/dstack-vpn"
+# The app's encrypted environment: its only secrets.
+DSTACK_ENV_PRIVATE_KEY = "DSTACK_VPN_PRIVATE_KEY"
+DSTACK_ENV_PRESHARED_KEY = "DSTACK_VPN_PRESHARED_KEY"
 
 
 def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -60,3 +65,32 @@ def status_values(cfg: NetworkConfig, spoke: SpokeConfig, hub_public_key) -> dic
     """The status service's settings on a spoke (it listens on every address; the firewall decides)."""
     return dict(install_dir=STATUS_DIR, node_name=spoke.name, overlay_ip=spoke.address, interface=cfg.interface,
                 listen_address="0.0.0.0", listen_port=cfg.status_port, hub_public_key=hub_public_key)
+
+
+def dstack_values(cfg: NetworkConfig, spoke: SpokeConfig, public_key: str, hub_public_key: str,
+                  hub_endpoint: str) -> dict:
+    """Everything a dstack spoke's bundle is rendered from; public values only (its keys are
+    in the environment)."""
+    return dict(name=spoke.name, address=spoke.address, prefixlen=cfg.prefixlen, overlay=cfg.overlay,
+                interface=cfg.interface, listen_port=cfg.listen_port, status_port=cfg.status_port,
+                hub_address=cfg.hub.address, hub_public_key=hub_public_key, hub_endpoint=hub_endpoint,
+                public_key=public_key, preshared_key=spoke.preshared_key, key_dir=DSTACK_KEY_DIR,
+                container_image=spoke.container_image)
+
+
+def dstack_env(private_key: str, preshared_key: str | None) -> str:
+    """The app's environment file (KEY=VALUE lines, as Phala's CLI and docker compose read them)."""
+    lines = [f"{DSTACK_ENV_PRIVATE_KEY}={private_key}"]
+    if preshared_key:
+        lines.append(f"{DSTACK_ENV_PRESHARED_KEY}={preshared_key}")
+    return "\n".join(lines) + "\n"
+
+
+def phala_flags(spoke: SpokeConfig) -> list[tuple[str, str]]:
+    """The `phala deploy` flags for a new CVM, from spokes[].phala (only those set)."""
+    p = spoke.phala
+    if p is None:
+        return []
+    flags = [("--instance-type", p.instance_type), ("--region", p.region), ("--image", p.os_image),
+             ("--disk-size", None if p.disk_size is None else f"{p.disk_size}G")]
+    return [(flag, value) for flag, value in flags if value is not None]

@@ -31,6 +31,8 @@ def environment() -> jinja2.Environment:
         comment_end_string="##}",
     )
     env.filters["shquote"] = shlex.quote
+    # docker compose reads `$` as the start of a variable: `$$` is a literal one.
+    env.filters["compose_escape"] = lambda text: text.replace("$", "$$")
     return env
 
 
@@ -63,3 +65,18 @@ def command(step: str, script_template: str, user: str, **values: Any) -> str:
 def status_program() -> str:
     """The status service, as it lands on a spoke (a program of its own, not a template)."""
     return STATUS_PROGRAM.read_text()
+
+
+def dstack_compose(values: dict[str, Any]) -> str:
+    """A dstack spoke's docker-compose file: the entrypoint, with its firewall, WireGuard config
+    and the status program inside it (all public), and the environment it takes its keys from."""
+    wireguard = render("wireguard/spoke.conf", **values).rstrip("\n")
+    firewall = render("nftables/dstack.nft", **values).rstrip("\n")
+    entrypoint = render("dstack/entrypoint.sh", firewall=firewall, wireguard=wireguard,
+                        status_program=status_program().rstrip("\n"), **values)
+    return render("dstack/docker-compose.yaml", entrypoint=entrypoint, **values)
+
+
+def phala_script(action: str, **values: Any) -> str:
+    """The local command that deploys (or deletes) a dstack spoke's app on Phala Cloud."""
+    return render(f"phala/{action}.sh", **values)

@@ -5,7 +5,9 @@ Used by the lab's command line (lab/__main__.py) and by the end-to-end tests.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from . import dstack
 from .cloud import Cloud
 from .engine import Result
 from .hosts import Host, Lab
@@ -76,10 +79,39 @@ class LabNetwork:
         self.lab.prepare()
         result = self.engine.up(self.settings(**overrides))
         self.save_outputs(result.outputs)
+        self.run_dstack_apps(result.outputs)
         return result
+
+    def run_dstack_apps(self, outputs: dict) -> None:
+        """What a user does by hand for each dstack spoke (README): run its app with its
+        environment on a CVM; here a lab host of its own stands in for the CVM. A changed
+        bundle replaces the running app; a spoke that is gone takes its CVM with it."""
+        composes, envs = outputs.get("dstackCompose", {}), outputs.get("dstackEnv", {})
+        record = self.lab.state_dir / "dstack-apps.json"
+        running = json.loads(record.read_text()) if record.exists() else {}
+        for name in sorted(set(running) - set(composes)):
+            host = self.lab.hosts.get(name)
+            if host is not None:
+                dstack.stop(host)
+                host.destroy()
+            running.pop(name)
+        for name, compose in sorted(composes.items()):
+            digest = hashlib.sha256((compose + envs[name]).encode()).hexdigest()
+            host = self.lab.hosts.get(name) or self.lab.host(name)
+            if not host.running:
+                host.boot()
+                host.wait_ssh(timeout=120)
+            if running.get(name) != digest or dstack.state(host) not in ("active", "activating"):
+                dstack.start(host, compose, envs[name])
+                running[name] = digest
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(running, f)
 
     def down(self) -> None:
         try:
+            for name in self.dstack_nodes():
+                dstack.stop(self.lab.hosts[name])
             if self.engine.state.records:
                 self.engine.destroy()
         finally:
@@ -108,8 +140,14 @@ class LabNetwork:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def save_outputs(self, outputs: dict) -> None:
+        """The outputs the tables and tests read; the secret ones stay out."""
         path = self.lab.state_dir / "outputs.json"
-        path.write_text(json.dumps(outputs, indent=1, sort_keys=True) + "\n")
+        public = {k: v for k, v in outputs.items() if k != "dstackEnv"}
+        path.write_text(json.dumps(public, indent=1, sort_keys=True) + "\n")
+
+    def dstack_nodes(self) -> list[str]:
+        """The dstack spokes whose app runs on a lab host."""
+        return [n for n in self.last_outputs().get("dstackCompose", {}) if n in self.lab.hosts]
 
     def handshakes(self) -> dict[str, float | None]:
         """Seconds since each node's latest handshake with the hub (None: never)."""

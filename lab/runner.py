@@ -17,13 +17,16 @@ from pulumi.runtime import sync_await
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "dstack-vpn"
-SECRET_KEYS = ("sshPrivateKey", "nodeSecrets")
+SECRET_KEYS = ("sshPrivateKey", "nodeSecrets", "phalaApiKey")
 
 
 def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], stack: str,
                 preview: bool = False, secret_keys: tuple[str, ...] = SECRET_KEYS,
-                program: Path = ROOT / "__main__.py", continue_on_error: bool = False) -> dict[str, Any]:
+                program: Path = ROOT / "__main__.py", continue_on_error: bool = False,
+                secret_outputs: set[str] | None = None) -> dict[str, Any]:
     """Run `program` with `config` (this project's keys) and return its exports.
+
+    secret_outputs: filled with the names of the exports that are secret.
 
     continue_on_error: as `pulumi up --continue-on-error`, every registration
     that does not depend on a failed one still runs before the error is raised."""
@@ -45,8 +48,12 @@ def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], st
                 sync_await._sync_await(_drain())
             raise
         root = psettings.get_root_resource()
+        exports = getattr(root, "outputs", None) or {}
+        if secret_outputs is not None:
+            secret_outputs.update(k for k, v in exports.items()
+                                  if sync_await._sync_await(pulumi.Output.from_input(v).is_secret()))
         return {key: sync_await._sync_await(pulumi.Output.from_input(value).future(with_unknowns=True))
-                for key, value in (getattr(root, "outputs", None) or {}).items()}
+                for key, value in exports.items()}
     finally:
         sys.path.remove(str(program.parent))
         loop.close()

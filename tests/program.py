@@ -193,7 +193,10 @@ def run(settings: dict[str, Any], secret_keys: tuple[str, ...] = SECRET_KEYS,
     """Run __main__.py with `settings` as stack config; return what it registered and exported."""
     mocks = Mocks(preview=preview, seed=seed)
     monitor = RecordingMonitor(mocks)
-    outputs = run_program(monitor, mocks, settings, stack="test", preview=preview, secret_keys=secret_keys)
+    secret_outputs: set[str] = set()
+    outputs = run_program(monitor, mocks, settings, stack="test", preview=preview, secret_keys=secret_keys,
+                          secret_outputs=secret_outputs)
     run = Run(monitor.registrations, outputs, mocks.made_secrets)
     run.calls = mocks.calls
+    run.secret_outputs = secret_outputs
     return run

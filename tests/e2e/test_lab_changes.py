@@ -35,6 +35,7 @@ def net():
         network.before = {n: network.lab.ssh(n, LISTING, timeout=30).stdout for n in ("node-b", "node-c")}
         network.engine.up(settings)
         network.save_outputs(network.engine.result.outputs)
+        network.run_dstack_apps(network.engine.result.outputs)
         network.wait_converged(30)
         yield network
     finally:
@@ -64,16 +65,16 @@ def converged(net, timeout=30):
     return all(reach.values()) and reach
 
 
-NODE_D = {"name": "node-d", "kind": "ssh", "address": "10.88.0.14", "host": "198.51.100.23"}
+NODE_E = {"name": "node-e", "kind": "ssh", "address": "10.88.0.15", "host": "198.51.100.24"}
 
 
 def test_add_a_spoke_without_a_lost_packet(net):
     with Probe(net, "node-a", "node-b") as probe:
-        result = net.up(spokes=spokes(net, NODE_D))
+        result = net.up(spokes=spokes(net, NODE_E))
     assert probe.sent > 20 and probe.lost == 0, (probe.sent, probe.lost)
     ops = changed(result)
     assert ("update", "hub-wireguard") in ops
-    assert all(name.startswith("node-d") or name == "hub-wireguard" for _, name in ops), ops
+    assert all(name.startswith("node-e") or name == "hub-wireguard" for _, name in ops), ops
     assert converged(net)
     # the hub kept its interface and address: syncconf, not a restart
     hub = net.node_hosts()["hub"]
@@ -85,14 +86,14 @@ def test_remove_a_spoke_cleans_its_host(net):
         result = net.up(spokes=spokes(net))
     assert probe.lost == 0, probe.lost
     assert ("update", "hub-wireguard") in changed(result)
-    assert {op for op, name in changed(result) if name.startswith("node-d")} == {"delete"}
-    host = net.lab.hosts["node-d"]
+    assert {op for op, name in changed(result) if name.startswith("node-e")} == {"delete"}
+    host = net.lab.hosts["node-e"]
     left = net.lab.ssh(host, "ip link show wg0; nft list table inet dstack_vpn; ls /etc/wireguard/wg0.conf "
                              "/etc/dstack-vpn /usr/local/lib/dstack-vpn /etc/systemd/system/dstack-vpn-*; "
                              "systemctl is-enabled wg-quick@wg0; command -v wg nft", timeout=30)
     assert "No such file" in left.stderr and left.stdout.strip() in ("", "disabled"), (left.stdout, left.stderr)
     peers = net.lab.ssh(net.node_hosts()["hub"], "wg show wg0 allowed-ips").stdout
-    assert "10.88.0.14" not in peers and peers.count("10.88.0.") == 3
+    assert "10.88.0.15" not in peers and peers.count("10.88.0.") == 4
     assert converged(net)
 
 

@@ -1,7 +1,8 @@
 """The example network converging for real in the lab: real hosts, SSH, WireGuard, nftables, packets.
 
 One lab network for the module (hub and node-a as droplets, node-b and
-node-c as `ssh` spokes); torn down at the end, on failure too.
+node-c as `ssh` spokes, node-d a dstack spoke whose app runs on a lab host as a
+container engine would run it); torn down at the end, on failure too.
 """
 from __future__ import annotations
 
@@ -49,14 +50,15 @@ def wait_until(check, timeout=30.0, step=0.3):
         time.sleep(step)
 
 
-SPOKES = ("node-a", "node-b", "node-c")
+SPOKES = ("node-a", "node-b", "node-c", "node-d")
+DSTACK = "node-d"
 
 
 def test_every_spoke_reaches_every_other_through_the_hub(net):
     assert set(net.nodes()) == {"hub", *SPOKES}
     reach = wait_until(lambda: (r := net.reachability()) and all(r.values()) and r)
     assert reach and all(reach.values()), reach
-    assert len(reach) == 6
+    assert len(reach) == 12
     # the path goes through the hub: the spoke's only peer is the hub
     for node in SPOKES:
         peers = ssh(net, node, "wg show wg0 peers").stdout.split()
@@ -106,6 +108,15 @@ def test_hub_cannot_open_connections_to_spokes_but_spokes_can(net):
             assert not overlay_connects(net, "hub", nodes["node-c"]["address"], 9000, proto), proto
     finally:
         unlisten(net, "node-b", 9000)
+    # the dstack spoke too: other spokes reach a service on it, the hub reaches nothing
+    listen(net, DSTACK, 9000)
+    try:
+        for proto in ("icmp", "tcp", "udp"):
+            assert overlay_connects(net, "node-b", nodes[DSTACK]["address"], 9000, proto), proto
+            assert not overlay_connects(net, "hub", nodes[DSTACK]["address"], 9000, proto), proto
+            assert not overlay_connects(net, "hub", nodes[DSTACK]["address"], 8000, proto), proto
+    finally:
+        unlisten(net, DSTACK, 9000)
 
 
 def test_underlay_exposure_of_the_hub(net):
@@ -156,8 +167,10 @@ def secret_values(net) -> dict[str, str]:
 
 def test_private_keys_only_in_the_wireguard_config(net):
     secrets = secret_values(net)
-    assert len([k for k in secrets if k.endswith("-wg-key")]) == 4
+    assert len([k for k in secrets if k.endswith("-wg-key")]) == 5
     for node, host in net.node_hosts().items():
+        if node == DSTACK:
+            continue  # below
         # everything the host wrote to its disk since the image, checked from outside
         found = []
         for path in host.upper.rglob("*"):
@@ -177,6 +190,22 @@ def test_private_keys_only_in_the_wireguard_config(net):
         assert leaks == [], (node, leaks)
         journal = journal_text(host)
         assert journal and not [name for name, s in secrets.items() if s in journal], node
+    # the dstack spoke: its keys never reach its disk; they sit in 0600 files of the app's
+    # own tmpfs, and (as docker keeps a container's environment) in the app's environment file
+    host = net.node_hosts()[DSTACK]
+    found = [str(p) for p in host.upper.rglob("*") if p.is_file() and not p.is_symlink()
+             and any(s.encode() in p.read_bytes() for s in secrets.values())]
+    assert found == [], found
+    root = Path(f"/proc/{host.guest_pid()}/root")
+    keys = root / "run/dstack-vpn"
+    assert oct(keys.stat().st_mode & 0o777) == "0o700" and keys.stat().st_uid == 0
+    for name in ("private-key", "preshared-key"):
+        assert oct((keys / name).stat().st_mode & 0o777) == "0o600"
+    assert (keys / "private-key").read_text().strip() == secrets[f"{DSTACK}-wg-key"]
+    leaks = [(what, name) for what, data in process_texts(host) for name, s in secrets.items() if s.encode() in data]
+    assert leaks == [], leaks  # the entrypoint took the keys out of its environment and started again
+    journal = journal_text(host)
+    assert "status page on port 8000" in journal and not [n for n, s in secrets.items() if s in journal]
 
 
 def process_texts(host):
@@ -243,6 +272,10 @@ def test_status_page_of_every_spoke_over_the_overlay_and_the_underlay(net):
         health = ssh(net, other, f"python3 -c \"{code}\"")
         assert health.returncode == 0 and '"ok": true' in health.stdout.replace('"ok":true', '"ok": true')
         # the service runs unprivileged, with one capability (two where WireGuard is in userspace)
+        if node == DSTACK:  # a plain process of the app, as nobody
+            ps = ssh(net, node, "ps -o user=,args= -C python3").stdout
+            assert "nobody" in ps and "--node-name node-d" in ps, ps
+            continue
         unit = ssh(net, node, "systemctl show -p User -p DynamicUser -p AmbientCapabilities dstack-vpn-status")
         assert "DynamicUser=yes" in unit.stdout and "cap_net_admin" in unit.stdout
     secrets = secret_values(net)

@@ -1,0 +1,112 @@
+# dstack-vpn: spoke {{ name }} as a dstack app; the container's main process.
+# Rendered by dstack-vpn. This text is public (it is part of the app's compose file);
+# the keys arrive in the environment, go to 0600 files under {{ key_dir }}, and are
+# never printed. Stops cleanly on SIGTERM: no interface, rules or files of ours stay.
+set -euo pipefail
+umask 077
+export LC_ALL=C DEBIAN_FRONTEND=noninteractive
+IF={{ interface }}
+KEYS={{ key_dir }}
+say() { printf 'dstack-vpn %s: %s\n' {{ name | shquote }} "$*"; }
+fail() { say "$*" >&2; exit 1; }
+
+if [ "${DSTACK_VPN_STAGE:-}" != run ]; then
+	# The keys leave the environment first; then this script starts again without them,
+	# so no process of ours keeps a key in its environment.
+	mkdir -p "$KEYS"
+	chmod 0700 "$KEYS"
+	[ -n "${DSTACK_VPN_PRIVATE_KEY:-}" ] ||
+		fail "DSTACK_VPN_PRIVATE_KEY is empty: set it in the app's encrypted environment (see the README)"
+	printf '%s\n' "$DSTACK_VPN_PRIVATE_KEY" >"$KEYS/private-key"
+{% if preshared_key %}
+	[ -n "${DSTACK_VPN_PRESHARED_KEY:-}" ] ||
+		fail "DSTACK_VPN_PRESHARED_KEY is empty: set it in the app's encrypted environment (see the README)"
+	printf '%s\n' "$DSTACK_VPN_PRESHARED_KEY" >"$KEYS/preshared-key"
+{% endif %}
+	exec env -u DSTACK_VPN_PRIVATE_KEY -u DSTACK_VPN_PRESHARED_KEY DSTACK_VPN_STAGE=run \
+		bash -c "$BASH_EXECUTION_STRING" "$0"
+fi
+
+# What the image lacks (a plain Debian image has none of it): installed once per container.
+need=()
+for tool in wg:wireguard-tools nft:nftables ip:iproute2 python3:python3 setpriv:util-linux; do
+	command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+done
+if ip link add dev dvpn-probe0 type wireguard 2>/dev/null; then
+	ip link del dev dvpn-probe0
+	say "kernel WireGuard"
+else
+	say "no WireGuard in this kernel: userspace wireguard-go"
+	command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
+	if [ ! -c /dev/net/tun ]; then
+		mkdir -p /dev/net
+		mknod -m 0600 /dev/net/tun c 10 200
+	fi
+fi
+if [ "${#need[@]}" -gt 0 ]; then
+	say "installing ${need[*]}"
+	apt-get -q update >/dev/null
+	apt-get -q -y install --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# The environment is not part of the app's measured identity: the key must be the one
+# this node was given, whose public half is pinned here.
+[ "$(wg pubkey <"$KEYS/private-key" 2>/dev/null)" = {{ public_key | shquote }} ] ||
+	fail "DSTACK_VPN_PRIVATE_KEY is not this node's key (its public key must be {{ public_key }})"
+
+cat >"$KEYS/firewall.nft" <<'NFT'
+{{ firewall }}
+NFT
+cat >"$KEYS/$IF.conf" <<'CONF'
+{{ wireguard }}
+CONF
+cat >"$KEYS/dstack_vpn_status.py" <<'PY'
+{{ status_program }}
+PY
+
+status_pid=
+stop() {
+	trap - TERM INT
+	say "stopping"
+	if [ -n "$status_pid" ]; then kill "$status_pid" 2>/dev/null || true; fi
+	wg-quick down "$KEYS/$IF.conf" >/dev/null 2>&1 || ip link del dev "$IF" 2>/dev/null || true
+	nft delete table inet dstack_vpn 2>/dev/null || true
+	rm -rf "$KEYS"
+	exit 0
+}
+trap stop TERM INT
+
+nft -c -f "$KEYS/firewall.nft" || fail "this kernel refused the firewall (nftables needs dstack OS 0.5.8 or later)"
+nft -f "$KEYS/firewall.nft"
+say "firewall loaded (table inet dstack_vpn)"
+# a container restarted after a crash finds its old interface still there
+if ip link show dev "$IF" >/dev/null 2>&1; then ip link del dev "$IF"; fi
+wg-quick up "$KEYS/$IF.conf" || fail "$IF did not come up"
+say "$IF up: {{ address }} in {{ overlay }}, hub {{ hub_endpoint }}:{{ listen_port }}"
+
+# The status page runs as nobody, with only the capability to read WireGuard (and, for
+# wireguard-go's root-only socket, to open it).
+caps=+net_admin
+if [ -S "/run/wireguard/$IF.sock" ]; then caps=+net_admin,+dac_override; fi
+start_status() {
+	setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
+		--inh-caps="-all,$caps" --ambient-caps="-all,$caps" --bounding-set="-all,$caps" \
+		python3 -I - --node-name {{ name | shquote }} --overlay-ip {{ address }} --interface "$IF" \
+		--listen-address 0.0.0.0 --listen-port {{ status_port }} --hub-public-key {{ hub_public_key | shquote }} \
+		<"$KEYS/dstack_vpn_status.py" &
+	status_pid=$!
+}
+start_status
+say "status page on port {{ status_port }}"
+
+# Watch: the status page comes back if it stops; without the interface the container
+# ends, and its restart policy starts it again.
+while :; do
+	sleep 5 &
+	wait $! || true
+	ip link show dev "$IF" >/dev/null 2>&1 || fail "$IF is gone"
+	if ! kill -0 "$status_pid" 2>/dev/null; then
+		say "status page stopped; starting it again"
+		start_status
+	fi
+done

@@ -1,0 +1,19 @@
+{% include "phala/_lib.sh" %}
+if [ -z "$app_compose" ] || [ -z "$app_env" ]; then fail "DSTACK_VPN_COMPOSE or DSTACK_VPN_ENV is empty"; fi
+printf '%s' "$app_compose" >docker-compose.yml
+printf '%s' "$app_env" >app.env
+if [ -n "$previous_id" ]; then
+	say "updating CVM $previous_id"
+	set -- --cvm-id "$previous_id" --wait
+else
+	say "creating CVM {{ cvm_name }}"
+	set -- -n {{ cvm_name | shquote }} --no-dev-os --no-public-logs --no-public-sysinfo{% for flag, value in flags %} {{ flag }} {{ value | shquote }}{% endfor %}
+
+fi
+out=$(phala deploy "$@" -c ./docker-compose.yml -e ./app.env --json) ||
+	fail "phala deploy failed (its message is above)"
+id=$(printf '%s' "$out" | json_field vm_uuid id app_id)
+id=${id:-$previous_id}
+[ -n "$id" ] || fail "phala deploy answered without a CVM id"
+echo "cvm_id=$id"
+echo "app_id=$(printf '%s' "$out" | json_field app_id)"

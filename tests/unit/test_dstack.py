@@ -1,0 +1,280 @@
+"""dstack spokes: the config, the rendered bundle (compose + entrypoint + environment), the
+program's outputs and the Phala Cloud deployment, run against a stand-in `phala` on PATH."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import program
+from components import config, keys, plan, render
+from conftest import need_tool
+from lab import dstack as lab_dstack
+
+SSH_KEY = keys.ssh_key_pair("deploy")[0]
+API_KEY = "phak_" + "Zx9" * 12
+DSTACK = {"name": "node-d", "kind": "dstack", "address": "10.88.0.14"}
+
+
+def parse(**raw):
+    raw.setdefault("adminCidrs", ["203.0.113.10/32"])
+    return config.parse({k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()})
+
+
+# -- config ------------------------------------------------------------------------------
+
+def test_a_dstack_spoke_needs_no_host_and_no_ssh_key():
+    cfg = parse(spokes=[DSTACK])
+    (spoke,) = cfg.spokes
+    assert (spoke.kind, spoke.address, spoke.phala) == ("dstack", "10.88.0.14", None)
+    assert spoke.container_image == "debian:bookworm-slim" and spoke.preshared_key
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"host": "198.51.100.9"}, "spokes[0].host: not for kind 'dstack'"),
+    ({"region": "nyc3"}, "spokes[0].region: not for kind 'dstack'"),
+    ({"containerImage": "Debian Slim"}, "spokes[0].containerImage: 'Debian Slim' is not an image reference"),
+    ({"phala": "yes"}, "spokes[0].phala: expected an object"),
+    ({"phala": {"nmae": "x"}}, "spokes[0].phala: unknown setting 'nmae'"),
+    ({"phala": {"name": "db"}}, "spokes[0].phala.name: 'db' is not a Phala Cloud CVM name"),
+    ({"phala": {"diskSize": 5}}, "spokes[0].phala.diskSize: 5 GB is out of range"),
+    ({"phala": {"instanceType": "tdx small"}}, "spokes[0].phala.instanceType: 'tdx small' is not a Phala Cloud slug"),
+])
+def test_bad_dstack_settings_are_named(extra, message):
+    with pytest.raises(config.ConfigError) as err:
+        parse(spokes=[{**DSTACK, **extra}], phalaApiKey=API_KEY)
+    assert message in str(err.value)
+
+
+def test_deploying_on_phala_needs_the_api_key_which_is_never_quoted():
+    with pytest.raises(config.ConfigError, match="phalaApiKey: required to deploy node-d on Phala Cloud"):
+        parse(spokes=[{**DSTACK, "phala": {}}])
+    with pytest.raises(config.ConfigError) as err:
+        parse(spokes=[{**DSTACK, "phala": {}}], phalaApiKey="two words")
+    assert "two words" not in str(err.value)
+    cfg = parse(spokes=[{**DSTACK, "phala": {"instanceType": "tdx.small", "diskSize": 40}}], phalaApiKey=API_KEY)
+    assert cfg.spokes[0].phala == config.PhalaConfig(name="dstack-vpn-node-d", instance_type="tdx.small", disk_size=40)
+    assert API_KEY not in repr(cfg)
+
+
+def test_settings_of_other_kinds_refuse_dstack_ones():
+    with pytest.raises(config.ConfigError, match=r"spokes\[0\].phala: only for kind 'dstack'"):
+        parse(spokes=[{"name": "node-a", "kind": "droplet", "phala": {}}])
+    with pytest.raises(config.ConfigError, match="nodeSecrets.node-d.sshPrivateKey: a dstack spoke is not reached"):
+        parse(spokes=[DSTACK], nodeSecrets={"node-d": {"sshPrivateKey": SSH_KEY}})
+
+
+# -- the bundle -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle():
+    cfg = parse(spokes=[DSTACK])
+    private, psk = keys.wireguard_private_key(), keys.preshared_key()
+    hub_public = keys.wireguard_public_key(keys.wireguard_private_key())
+    values = plan.dstack_values(cfg, cfg.spokes[0], keys.wireguard_public_key(private), hub_public, "203.0.113.5")
+    return {"compose": render.dstack_compose(values), "env": plan.dstack_env(private, psk), "values": values,
+            "secrets": {"private": private, "psk": psk}}
+
+
+def test_compose_parses_and_runs_our_entrypoint_on_the_hosts_network(bundle):
+    service = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
+    assert service["network_mode"] == "host" and service["cap_add"] == ["NET_ADMIN"]
+    assert service["restart"] == "always" and service["image"] == "debian:bookworm-slim"
+    assert service["tmpfs"] == ["/run/dstack-vpn:mode=0700"]
+    assert set(service["environment"]) == {"DSTACK_VPN_PRIVATE_KEY", "DSTACK_VPN_PRESHARED_KEY"}
+    argv, env, _ = lab_dstack.container(bundle["compose"], bundle["env"])
+    assert argv[:2] == ["/bin/bash", "-c"] and argv[3] == "dstack-vpn"
+    assert env == {"DSTACK_VPN_PRIVATE_KEY": bundle["secrets"]["private"],
+                   "DSTACK_VPN_PRESHARED_KEY": bundle["secrets"]["psk"]}
+    # the public key is pinned, so a swapped environment is refused
+    assert bundle["values"]["public_key"] in argv[2]
+
+
+def test_compose_holds_no_secret(bundle):
+    for secret in bundle["secrets"].values():
+        assert secret not in bundle["compose"]
+        assert secret in bundle["env"]  # (the scan can see them where they are)
+
+
+def test_docker_compose_reads_it(bundle, tmp_path):
+    compose = shutil.which("docker-compose")
+    argv = [compose, "config"] if compose else None
+    if argv is None and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        argv = ["docker", "compose", "config"]
+    if argv is None:
+        need_tool("docker-compose")
+    (tmp_path / "docker-compose.yml").write_text(bundle["compose"])
+    missing = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode != 0 and "lacks DSTACK_VPN_PRIVATE_KEY" in missing.stdout + missing.stderr
+    (tmp_path / ".env").write_text(bundle["env"])
+    out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    service = yaml.safe_load(out.stdout)["services"]["dstack-vpn"]
+    ours = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
+    assert service["entrypoint"][2].replace("$$", "$") == ours["entrypoint"][2].replace("$$", "$")
+    assert service["environment"]["DSTACK_VPN_PRIVATE_KEY"] == bundle["secrets"]["private"]
+
+
+def test_entrypoint_passes_shellcheck(bundle, tmp_path):
+    shellcheck = need_tool("shellcheck")
+    argv, _, _ = lab_dstack.container(bundle["compose"], bundle["env"])
+    path = tmp_path / "entrypoint.sh"
+    path.write_text(argv[2])
+    out = subprocess.run([shellcheck, "-s", "bash", "-S", "warning", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_wireguard_config_reads_its_keys_from_files(bundle, tmp_path):
+    from test_render import wg_quick_strip
+    text = render.render("wireguard/spoke.conf", **bundle["values"])
+    assert "PrivateKey" not in text and "PresharedKey" not in text
+    assert "PostUp = wg set %i private-key /run/dstack-vpn/private-key peer" in text
+    assert "Endpoint = 203.0.113.5:51820" in wg_quick_strip(tmp_path, text)
+
+
+def test_dstack_ruleset_loads_and_leaves_dstacks_own_traffic_alone(bundle, tmp_path):
+    from test_render import nft_check
+    text = render.render("nftables/dstack.nft", **bundle["values"])
+    nft_check(tmp_path, text)
+    assert "flush ruleset" not in text and 'iifname != "wg0" accept' in text
+    assert text.index("ip saddr 10.88.0.1 drop") < text.index("ip saddr 10.88.0.0/24 accept")
+
+
+def test_the_lab_reads_compose_interpolation_as_compose_does():
+    assert lab_dstack.interpolate("a $$b ${X} ${Y:?need Y}", {"X": "1", "Y": "2"}) == "a $b 1 2"
+    with pytest.raises(lab_dstack.AppError, match="need Y"):
+        lab_dstack.interpolate("${Y:?need Y}", {})
+
+
+# -- the program --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run():
+    spokes = program.stack_config()["spokes"] + [{**DSTACK, "phala": {"instanceType": "tdx.small"}}]
+    return program.run(program.stack_config(sshPrivateKey=SSH_KEY, spokes=spokes, phalaApiKey=API_KEY))
+
+
+def test_the_hub_gets_the_dstack_spoke_as_a_peer_and_nothing_logs_in_to_it(run):
+    hub_conf = program.unwrap(run.named("hub-wireguard").inputs)["stdin"]
+    assert "AllowedIPs = 10.88.0.14/32" in hub_conf
+    assert run.outputs["nodes"]["node-d"]["public_key"] in hub_conf
+    assert not [r.name for r in run.of_type("command:remote:Command") if r.name.startswith("node-d")]
+    (app,) = run.of_type("command:local:Command")
+    assert app.name == "node-d-phala-app"
+    assert run.named("hub-wireguard").urn in app.dependencies
+
+
+def test_the_environment_is_a_secret_output_and_the_compose_a_plain_one(run):
+    assert "dstackEnv" in run.secret_outputs and "dstackCompose" not in run.secret_outputs
+    env = run.outputs["dstackEnv"]["node-d"]
+    assert env.startswith("DSTACK_VPN_PRIVATE_KEY=") and "DSTACK_VPN_PRESHARED_KEY=" in env
+    secrets = set(run.made_secrets) | {API_KEY}
+    assert not [s[:6] for s in secrets if s in run.outputs["dstackCompose"]["node-d"]]
+
+
+def test_the_deploy_command_keeps_its_secrets_in_its_environment(run):
+    (app,) = run.of_type("command:local:Command")
+    env = app.inputs["environment"]
+    assert program.is_secret_marker(env["PHALA_CLOUD_API_KEY"]) and program.is_secret_marker(env["DSTACK_VPN_ENV"])
+    secrets = set(run.made_secrets) | {API_KEY}
+    plain = [t for t in program.plain_strings(app.inputs)]
+    assert not [s[:6] for s in secrets for t in plain if s in t]
+    assert app.delete_before_replace
+
+
+# -- the deployment, against a stand-in `phala` ----------------------------------------------
+
+STAND_IN = r'''#!/usr/bin/env python3
+import json, os, sys
+log = os.environ["PHALA_STAND_IN_LOG"]
+record = {"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
+          "files": {n: open(n).read() for n in ("docker-compose.yml", "app.env") if os.path.exists(n)}}
+with open(log, "a") as f:
+    f.write(json.dumps(record) + "\n")
+answer = os.environ.get("PHALA_STAND_IN_ANSWER", "ok")
+if answer == "fail":
+    print('{"success": false, "error": "quota exceeded"}', file=sys.stderr)
+    sys.exit(1)
+if answer == "not-found":
+    print("Error: CVM not found", file=sys.stderr)
+    sys.exit(1)
+print("Provisioning CVM...")
+print(json.dumps({"success": True, "vm_uuid": "0b6f-uuid", "app_id": "a1b2c3", "name": "dstack-vpn-node-d"}))
+'''
+
+
+@pytest.fixture
+def phala(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "phala").write_text(STAND_IN)
+    (bin_dir / "phala").chmod(0o755)
+    return bin_dir
+
+
+def run_command(run, phala, tmp_path, action, previous="", answer="ok", path=None):
+    """Run the command as pulumi-command would: its interpreter, its environment, the last stdout."""
+    (app,) = run.of_type("command:local:Command")
+    inputs = program.unwrap(app.inputs)
+    log = tmp_path / "calls.jsonl"
+    env = {"PATH": path or f"{phala}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "PHALA_STAND_IN_LOG": str(log), "PHALA_STAND_IN_ANSWER": answer,
+           "PULUMI_COMMAND_STDOUT": previous, **inputs["environment"]}
+    proc = subprocess.run([*inputs["interpreter"], inputs[action]], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls, inputs
+
+
+def secrets_of(run):
+    return set(run.made_secrets) | {API_KEY}
+
+
+def test_create_deploys_a_new_cvm_with_public_logs_off(run, phala, tmp_path):
+    proc, (call,), inputs = run_command(run, phala, tmp_path, "create")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["cvm_id=0b6f-uuid", "app_id=a1b2c3"]
+    argv = call["argv"]
+    assert argv[0] == "deploy" and argv[argv.index("-n") + 1] == "dstack-vpn-node-d"
+    assert {"--no-dev-os", "--no-public-logs", "--no-public-sysinfo", "--json"} <= set(argv)
+    assert argv[argv.index("--instance-type") + 1] == "tdx.small"
+    assert argv[argv.index("-c") + 1] == "./docker-compose.yml" and argv[argv.index("-e") + 1] == "./app.env"
+    # secrets: in the CLI's environment (its key) and in the env file, never in an argument
+    assert not [s[:6] for s in secrets_of(run) for a in argv if s in a]
+    assert call["env"]["PHALA_CLOUD_API_KEY"] == API_KEY
+    assert "DSTACK_VPN_ENV" not in call["env"] and "DSTACK_VPN_COMPOSE" not in call["env"]
+    assert call["files"] == {"docker-compose.yml": inputs["environment"]["DSTACK_VPN_COMPOSE"],
+                             "app.env": inputs["environment"]["DSTACK_VPN_ENV"]}
+    # from an empty private folder (a phala.toml elsewhere cannot pick the CVM), removed after
+    assert call["cwd"] != str(tmp_path) and not Path(call["cwd"]).exists()
+    assert not [s[:6] for s in secrets_of(run) if s in proc.stdout + proc.stderr]
+
+
+def test_update_deploys_to_the_cvm_made_before(run, phala, tmp_path):
+    proc, (call,), _ = run_command(run, phala, tmp_path, "update", previous="cvm_id=0b6f-uuid\napp_id=a1b2c3\n")
+    assert proc.returncode == 0, proc.stderr
+    argv = call["argv"]
+    assert argv[argv.index("--cvm-id") + 1] == "0b6f-uuid" and "-n" not in argv
+    assert proc.stdout.splitlines()[0] == "cvm_id=0b6f-uuid"
+
+
+def test_delete_removes_the_cvm_and_a_gone_one_is_fine(run, phala, tmp_path):
+    proc, (call,), _ = run_command(run, phala, tmp_path, "delete", previous="cvm_id=0b6f-uuid\n")
+    assert proc.returncode == 0, proc.stderr
+    assert call["argv"] == ["cvms", "delete", "0b6f-uuid", "--force", "--json"]
+    assert "DSTACK_VPN_ENV" not in call["env"]
+    (tmp_path / "calls.jsonl").unlink()
+    proc, _, _ = run_command(run, phala, tmp_path, "delete", previous="cvm_id=0b6f-uuid\n", answer="not-found")
+    assert proc.returncode == 0 and "already gone" in proc.stderr
+
+
+def test_failures_are_reported_plainly(run, phala, tmp_path):
+    proc, _, _ = run_command(run, phala, tmp_path, "create", answer="fail")
+    assert proc.returncode != 0 and "phala deploy failed" in proc.stderr and "quota exceeded" in proc.stderr
+    assert not [s[:6] for s in secrets_of(run) if s in proc.stdout + proc.stderr]
+    proc, _, _ = run_command(run, phala, tmp_path, "create", path="/usr/bin:/bin")
+    assert proc.returncode != 0 and "the Phala Cloud CLI is not on PATH (npm install -g phala)" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bin", "calls.jsonl"]  # no work folder left behind
