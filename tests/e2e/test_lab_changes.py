@@ -115,6 +115,30 @@ def test_rotate_one_spoke_key_touches_that_spoke_and_the_hub(net):
     assert converged(net)
 
 
+def test_rotating_a_dstack_spokes_key_is_a_new_bundle_and_stopping_it_leaves_nothing(net):
+    from lab import dstack
+
+    old = net.nodes()["node-d"]["public_key"]
+    net.rotations["node-d"] = 1
+    with Probe(net, "node-a", "node-b") as probe:
+        result = net.up(spokes=spokes(net))  # the lab redeploys the changed bundle, as a user would
+        healed = converged(net, 60)
+    assert probe.lost == 0, probe.lost
+    assert healed, "node-d did not come back with its new key"
+    names = {name for _, name in changed(result)}
+    assert names == {"node-d-wg-key", "node-d-psk", "hub-wireguard"}, names
+    assert net.nodes()["node-d"]["public_key"] != old
+    host = net.node_hosts()["node-d"]
+    # the app stopped (SIGTERM, as `docker stop`): no interface, table, key or process of ours stays
+    dstack.stop(host)
+    left = net.lab.ssh(host, "ip link show wg0; nft list table inet dstack_vpn; ls /run/dstack-vpn; "
+                             "pgrep -x python3; pgrep -x wireguard-go", timeout=30)
+    assert left.stdout.strip() == "" and left.stderr.count("No such file") >= 1, (left.stdout, left.stderr)
+    assert "does not exist" in left.stderr and "Error" in left.stderr
+    net.run_dstack_apps(result.outputs)  # started again: it rejoins
+    assert converged(net, 60)
+
+
 def test_firewall_change_swaps_rulesets_without_cutting_tunnels(net):
     try:
         with Probe(net, "node-a", "node-c") as probe:
