@@ -1,5 +1,5 @@
-"""Day-two changes in the lab, measured: for adding a spoke, rotating a key, replacing the hub
-and rebooting a host, the time it took, the packets a 50 ms ping between two spokes lost
+"""Day-two changes in the lab, measured: for adding a spoke, rotating a key, replacing the hub,
+restarting the dstack spoke's app and rebooting a host, the time it took, the packets a 50 ms ping between two spokes lost
 meanwhile, and the remote steps the change ran.
 
 Run as root: .venv/bin/python benchmarks/lab_changes.py
@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lab import dstack  # noqa: E402
 from lab.network import LabNetwork, stack_settings  # noqa: E402
 from lab.probe import Probe  # noqa: E402
 
@@ -62,16 +63,24 @@ def main() -> None:
         net.save_outputs(net.up(spokes=base).outputs)
         net.wait_converged(60)
 
+        last = {}
+
         def up(spokes, **more):
             result = net.up(spokes=spokes, **more)
             net.save_outputs(result.outputs)
+            last.update(result.outputs)
             return result
+
+        def restart_dstack_app():
+            dstack.stop(net.node_hosts()["node-d"])
+            net.run_dstack_apps(last)
 
         rows.append(measure(net, "1 add a spoke", lambda: up(base + [NODE_E])))
         rotated = [dict(s) for s in base + [NODE_E]]
         rotated[2]["keyRotation"] = 1
         rows.append(measure(net, "3 rotate node-c's key", lambda: up(rotated), own="node-c"))
         rows.append(measure(net, "5 replace the hub", lambda: up(rotated, hubImage="ubuntu-22-04-x64")))
+        rows.append(measure(net, "dstack app of node-d restarted", restart_dstack_app, own="node-d"))
         for node in ("node-c", "hub"):
             host = net.node_hosts()[node]
             rows.append(measure(net, f"6 reboot {node}", lambda: host.reboot(timeout=90) and None,
