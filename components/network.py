@@ -53,7 +53,7 @@ class Network(pulumi.ComponentResource):
         }, opts=child)
         self.hub_public_ip = self.hub.public_ip
 
-        ssh_spokes = [s for s in config.spokes if s.kind != "dstack"]
+        over_ssh = [s for s in config.spokes if s.kind != "dstack"]  # `ssh` and `droplet` spokes
         self.dstack_spokes = {
             s.name: DstackSpoke(s.name, {
                 "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
@@ -73,7 +73,7 @@ class Network(pulumi.ComponentResource):
                 "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
                 "ssh_key_id": ssh_key.id, "tags": tags,
             }, opts=child)
-            for s in ssh_spokes
+            for s in over_ssh
         }
         self.nodes = {HUB_NAME: {"address": config.hub.address, "public_key": hub_key.public_key}}
         for s in config.spokes:

@@ -106,11 +106,6 @@ def state(host: Host) -> str:
     return _in_guest(host, ["systemctl", "show", "-P", "ActiveState", f"{UNIT}.service"]).stdout.strip()
 
 
-def journal(host: Host, lines: int = 60) -> str:
-    """What the app printed (as `docker logs`, which dstack may publish)."""
-    return _in_guest(host, ["journalctl", "-q", "-o", "cat", "-u", f"{UNIT}.service", "-n", str(lines)]).stdout
-
-
 def _seconds(service: dict) -> str:
     grace = str(service.get("stop_grace_period", "10s"))
     return grace[:-1] if grace.endswith("s") else grace
