@@ -39,8 +39,10 @@ def hub_peers(peers: Sequence[Mapping[str, str | None]]) -> list[dict]:
     return sorted((dict(p) for p in peers), key=lambda p: ipaddress.ip_address(p["address"]))
 
 
-def interface_values(cfg: NetworkConfig, address: str) -> dict:
-    return dict(interface=cfg.interface, address=address, prefixlen=cfg.prefixlen)
+def interface_values(cfg: NetworkConfig, address: str, nudge_address: str | None = None) -> dict:
+    """The wireguard step's values; a spoke's also name the hub's overlay address, which it
+    sends a packet to every 10 s (templates/systemd/dstack-vpn-nudge.service)."""
+    return dict(interface=cfg.interface, address=address, prefixlen=cfg.prefixlen, nudge_address=nudge_address)
 
 
 def cloud_firewall_inbound(cfg: NetworkConfig, role: str) -> list[dict]:

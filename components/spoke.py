@@ -61,7 +61,7 @@ class Spoke(pulumi.ComponentResource):
             Step("install", {}),
             Step("firewall", {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
                  render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, spoke))),
-            Step("wireguard", plan.interface_values(cfg, spoke.address),
+            Step("wireguard", plan.interface_values(cfg, spoke.address, cfg.hub.address),
                  pulumi.Output.secret(wg_conf), secret=True, after=args["hub_ready"]),
             Step("status", plan.status_values(cfg, spoke, pulumi.Output.from_input(args["hub_public_key"])),
                  render.status_program()),

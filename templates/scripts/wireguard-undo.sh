@@ -1,6 +1,11 @@
 {% include "scripts/_lib.sh" %}
 IF={{ interface }}
 if have_systemd; then
+{% if nudge_address %}
+	systemctl disable --now --quiet dstack-vpn-nudge.service 2>/dev/null || true
+	rm -f /etc/systemd/system/dstack-vpn-nudge.service
+	systemctl daemon-reload
+{% endif %}
 	systemctl disable --now --quiet "wg-quick@$IF.service" 2>/dev/null || true
 fi
 if ip link show dev "$IF" >/dev/null 2>&1; then

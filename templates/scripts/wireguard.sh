@@ -71,3 +71,15 @@ else
 	say "$IF up (wg-quick; no systemd here, not restored at boot)"
 fi
 if have_systemd; then systemctl enable --quiet "wg-quick@$IF.service"; fi
+{% if nudge_address %}
+# A spoke: one packet to the hub every 10 s, so an idle spoke finds a restarted hub
+# within about 25 s (see the unit).
+if have_systemd; then
+	install_stdin 0644 /etc/systemd/system/dstack-vpn-nudge.service <<'UNIT'
+{% include "systemd/dstack-vpn-nudge.service" %}
+UNIT
+	systemctl daemon-reload
+	systemctl enable --quiet dstack-vpn-nudge.service
+	systemctl restart dstack-vpn-nudge.service
+fi
+{% endif %}

@@ -102,7 +102,8 @@ SCRIPT_VALUES = {
     "install": {},
     "forwarding": {"sysctl_path": plan.SYSCTL_PATH},
     "firewall": {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
-    "wireguard": {"interface": "wg0", "address": "10.88.0.11", "prefixlen": 24},
+    "wireguard": {"interface": "wg0", "address": "10.88.0.11", "prefixlen": 24, "nudge_address": "10.88.0.1"},
+    "wireguard-hub": {"interface": "wg0", "address": "10.88.0.1", "prefixlen": 24, "nudge_address": None},
     "status": {"install_dir": plan.STATUS_DIR, "node_name": "node-a", "overlay_ip": "10.88.0.11", "interface": "wg0",
                "listen_address": "0.0.0.0", "listen_port": 8000,
                "hub_public_key": "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI="},
@@ -114,19 +115,33 @@ SCRIPT_VALUES = {
 @pytest.mark.parametrize("user", ["root", "deploy"])
 def test_step_scripts_pass_shellcheck(step, undo, user, tmp_path):
     shellcheck = need_tool("shellcheck")
+    values = SCRIPT_VALUES[step]
+    step = step.split("-")[0]  # (a variant of a step: the same scripts, other values)
     name = f"scripts/{step}{'-undo' if undo else ''}.sh"
-    script = render.script(step, name, **SCRIPT_VALUES[step])
+    script = render.script(step, name, **values)
     path = tmp_path / "step.sh"
     path.write_text(script)
     out = subprocess.run([shellcheck, "-s", "bash", "-S", "warning", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
     # the command string the login shell runs: valid sh, runs bash as root with the script intact
-    command = render.command(step, name, user, **SCRIPT_VALUES[step])
+    command = render.command(step, name, user, **values)
     assert subprocess.run(["sh", "-n", "-c", command]).returncode == 0
     assert command.startswith("sudo -n /bin/bash -c " if user != "root" else "/bin/bash -c ")
     printed = subprocess.run(["sh", "-c", command.replace("/bin/bash -c", "printf '%s\\0'", 1).replace("sudo -n ", "")],
                              capture_output=True, text=True).stdout
     assert printed.split("\0")[:2] == [script, f"dstack-vpn-{step}"]
+
+
+def test_nudge_unit_verifies_and_only_spokes_get_it(tmp_path):
+    need_tool("systemd-analyze")
+    unit = tmp_path / "dstack-vpn-nudge.service"
+    unit.write_text(render.render("systemd/dstack-vpn-nudge.service", interface="wg0", nudge_address="10.88.0.1"))
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert ">/dev/udp/10.88.0.1/9" in unit.read_text()
+    spoke = render.script("wireguard", "scripts/wireguard.sh", **SCRIPT_VALUES["wireguard"])
+    hub = render.script("wireguard", "scripts/wireguard.sh", **SCRIPT_VALUES["wireguard-hub"])
+    assert "dstack-vpn-nudge.service" in spoke and "dstack-vpn-nudge" not in hub
 
 
 def test_firewall_unit_verifies(tmp_path):
