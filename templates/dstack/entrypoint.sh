@@ -32,8 +32,8 @@ need=()
 for tool in wg:wireguard-tools nft:nftables ip:iproute2 python3:python3 setpriv:util-linux; do
 	command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
-if ip link add dev dvpn-probe0 type wireguard 2>/dev/null; then
-	ip link del dev dvpn-probe0
+{% include "scripts/_kernel_wireguard.sh" %}
+if kernel_wireguard; then
 	say "kernel WireGuard"
 else
 	say "no WireGuard in this kernel: userspace wireguard-go"

@@ -10,10 +10,8 @@ for pkg in wireguard-tools nftables; do
 	if pkg_missing "$pkg"; then need+=("$pkg"); fi
 done
 
-# Containers and some VMs have no WireGuard kernel module: wg-quick then runs
-# the userspace wireguard-go by itself, if it is installed.
-if ip link add dev dvpn-probe0 type wireguard 2>/dev/null; then
-	ip link del dev dvpn-probe0
+{% include "scripts/_kernel_wireguard.sh" %}
+if kernel_wireguard; then
 	say "kernel WireGuard available"
 else
 	say "no WireGuard kernel module: using userspace wireguard-go"
