@@ -1,13 +1,20 @@
 """dstack-vpn: config -> Network -> exports."""
+import os
+
 import pulumi
 
-from components import config
+from components import config, preflight
 from components.network import Network
 
 try:
     settings = config.from_pulumi()  # bad config stops here, before any resource exists
 except config.ConfigError as err:
     raise pulumi.RunError(f"invalid stack config: {err}") from None
+agent_problem = preflight.ssh_agent_problem(os.environ)
+if agent_problem and pulumi.runtime.is_dry_run():
+    pulumi.log.warn(agent_problem.replace("Nothing was changed.", "`pulumi up` will refuse to start."))
+elif agent_problem:
+    raise pulumi.RunError(agent_problem)
 
 network = Network(pulumi.get_project(), settings)
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import keys
+
 PROJECT = "dstack-vpn"
 
 # dstack CVMs use these for their own networking (dstack-wg0 and the VM net).
@@ -34,6 +36,8 @@ NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 SSH_PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( \S.*)?$")
+# Host key types the program's SSH client can check against OpenSSH 8.8+ (see _host_key).
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # A container image reference: [registry[:port]/]path[:tag][@sha256:digest].
 IMAGE_RE = re.compile(r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
@@ -46,7 +50,7 @@ DEFAULT_CONTAINER_IMAGE = "debian:bookworm-slim"
 TOP_LEVEL_KEYS = {
     "overlayCidr", "listenPort", "interface", "statusPort",
     "hubRegion", "hubSize", "hubImage", "adminCidrs", "adminSshKeys",
-    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey",
+    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey", "digitaloceanSshKey",
 }
 SPOKE_KEYS = {
     "name", "kind", "address", "host", "port", "user", "hostKey",
@@ -117,6 +121,8 @@ class NetworkConfig:
     spokes: tuple[SpokeConfig, ...]
     ssh_private_key: str | None = field(default=None, repr=False)
     phala_api_key: str | None = field(default=None, repr=False)
+    digitalocean_ssh_key: str | None = None
+    """The deploy key as it is already on the DigitalOcean account (id or fingerprint); None: uploaded."""
 
     @property
     def prefixlen(self) -> int:
@@ -180,10 +186,64 @@ def wireguard_key(setting: str, value: Any) -> str:
 
 
 def _ssh_private_key(setting: str, value: Any) -> str:
-    _want(setting, value, str, "an OpenSSH private key")
-    if "PRIVATE KEY-----" not in value:
-        raise ConfigError(f"{setting}: not an SSH private key in PEM/OpenSSH form")
-    return value if value.endswith("\n") else value + "\n"
+    """Any unencrypted form pulumi-command reads (OpenSSH; PEM RSA, ECDSA, ed25519); the key is never quoted."""
+    _want(setting, value, str, "an SSH private key")
+    try:
+        keys.load_ssh_private_key(value)
+    except keys.SshKeyError as err:
+        raise ConfigError(f"{setting}: {err}") from None
+    return value.strip() + "\n"
+
+
+def _host_key(setting: str, value: Any) -> str:
+    """A pinned host key. pulumi-command offers the server only this key's own algorithm, so an
+    `ssh-rsa` key would mean SHA-1 RSA signatures, which OpenSSH 8.8 and later refuse."""
+    _want(setting, value, str, "an SSH public key")
+    parts = value.strip().split()
+    if len(parts) >= 1 and parts[0] == "ssh-rsa":
+        raise ConfigError(
+            f"{setting}: an ssh-rsa host key cannot be used: the program's SSH client (pulumi-command) then offers "
+            "only SHA-1 RSA signatures, which OpenSSH 8.8 and later refuse; give the host's ed25519 (or ECDSA) key "
+            "instead: `ssh-keyscan -t ed25519 HOST` (or read /etc/ssh/ssh_host_ed25519_key.pub on the host)")
+    if len(parts) < 2 or parts[0] not in HOST_KEY_TYPES or not _blob_of_type(parts[1], parts[0]):
+        raise ConfigError(f"{setting}: not an SSH host public key; want 'ssh-ed25519 AAAA...' or "
+                          "'ecdsa-sha2-nistp256 AAAA...' as `ssh-keyscan -t ed25519 HOST` prints it (without the host)")
+    return value.strip()
+
+
+def _blob_of_type(blob: str, key_type: str) -> bool:
+    """The base64 blob decodes and names the same key type inside (an SSH string: length, then the name)."""
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    n = int.from_bytes(raw[:4], "big")
+    return raw[4:4 + n] == key_type.encode()
+
+
+def _digitalocean_ssh_key(value: Any, deploy_key: str | None) -> str | None:
+    """The deploy key's id or fingerprint on the DigitalOcean account, for a key that is already there
+    (DigitalOcean refuses to take the same public key twice: 422 "SSH Key is already in use")."""
+    if value is None:
+        return None
+    if deploy_key is None:
+        raise ConfigError("digitaloceanSshKey: names a key already on the DigitalOcean account, so the program needs "
+                          "its private half to log in: set sshPrivateKey (pulumi config set --secret sshPrivateKey "
+                          "< KEY); without both, the program makes a deploy key of its own per stack")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,18}", value):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"(?:md5:)?[0-9a-f]{2}(?::[0-9a-f]{2}){15}", value.strip().lower()):
+        fingerprint = value.strip().lower().removeprefix("md5:")
+        own = keys.ssh_fingerprint_md5(keys.ssh_public_key(deploy_key, ""))
+        if fingerprint != own:
+            raise ConfigError(f"digitaloceanSshKey: {fingerprint} is not the fingerprint of sshPrivateKey's public key "
+                              f"({own}); give the fingerprint DigitalOcean shows for that key (Settings > Security, "
+                              "or `doctl compute ssh-key list`)")
+        return fingerprint
+    raise ConfigError(f"digitaloceanSshKey: {value!r} is neither a DigitalOcean SSH key id (digits) nor a fingerprint "
+                      "(aa:bb:...:ff, 16 pairs, as `ssh-keygen -E md5 -lf KEY.pub` prints it after MD5:)")
 
 
 def _overlay(value: Any) -> ipaddress.IPv4Network:
@@ -253,6 +313,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     deploy_key = raw.get("sshPrivateKey")
     if deploy_key is not None:
         deploy_key = _ssh_private_key("sshPrivateKey", deploy_key)
+    do_key = _digitalocean_ssh_key(_decode("digitaloceanSshKey", raw.get("digitaloceanSshKey"), None), deploy_key)
 
     spokes_raw = _decode("spokes", raw.get("spokes"), [])
     _want("spokes", spokes_raw, list, "a list of spokes")
@@ -298,7 +359,8 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     return NetworkConfig(
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
-        ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip())
+        ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip(),
+        digitalocean_ssh_key=do_key)
 
 
 def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:
@@ -393,10 +455,10 @@ def _ssh_spoke(i: int, item: Mapping[str, Any], key: str | None) -> dict[str, An
         raise ConfigError(
             f"spokes[{i}].hostKey: required (the host's public key, e.g. `ssh-keyscan -t ed25519 HOST`); "
             "to connect without checking it, set allowUnknownHostKey: true")
-    if host_key is not None and not SSH_PUBLIC_KEY_RE.match(str(host_key).strip()):
-        raise ConfigError(f"spokes[{i}].hostKey: not an SSH public key ('ssh-ed25519 AAAA...')")
+    if host_key is not None:
+        host_key = _host_key(f"spokes[{i}].hostKey", host_key)
     return dict(host=host.strip(), port=_port(f"spokes[{i}].port", item.get("port", 22)), user=user,
-                host_key=None if host_key is None else host_key.strip(), allow_unknown_host_key=allow_unknown)
+                host_key=host_key, allow_unknown_host_key=allow_unknown)
 
 
 def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:

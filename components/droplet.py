@@ -46,7 +46,10 @@ def create(name: str, cfg: NetworkConfig, role: str, region: str, size: str, ima
     droplet = do.Droplet(
         name, name=name, image=image, region=region, size=size,
         ssh_keys=[ssh_key_id], user_data=pulumi.Output.secret(user_data),
-        tags=list(tags), monitoring=True, opts=child)
+        tags=list(tags), monitoring=True,
+        # A new size keeps the disk, so it can be undone; the provider still powers the droplet off
+        # for the resize (DEPLOYMENT.md, "Resizing a droplet").
+        resize_disk=False, opts=child)
     droplet_id = droplet.id.apply(int)
     firewall = do.Firewall(
         f"{name}-cloud-firewall", name=f"{name}-cloud-firewall", droplet_ids=[droplet_id],
@@ -57,5 +60,5 @@ def create(name: str, cfg: NetworkConfig, role: str, region: str, size: str, ima
         host=droplet.ipv4_address, port=22, user="root", private_key=deploy_key,
         host_key=host_key.public_key.apply(host_key_line),
         dial_error_limit=DIAL_ERROR_LIMIT, per_dial_timeout=PER_DIAL_TIMEOUT)
-    # A replaced droplet gets every step again, from the start.
-    return Droplet(droplet, firewall, Host(name, connection, "root", triggers=[droplet.id]))
+    # A replaced droplet gets every step again, from the start; nothing on the old one is undone.
+    return Droplet(droplet, firewall, Host(name, connection, "root", triggers=[droplet.id], undo=False))

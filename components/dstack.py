@@ -42,7 +42,8 @@ class DstackSpoke(pulumi.ComponentResource):
             lambda v: plan.dstack_env(v[0], v[1])))
         self.deployment = None
         if spoke.phala is not None:
-            values = dict(node=spoke.name, cvm_name=spoke.phala.name, flags=plan.phala_flags(spoke))
+            values = dict(node=spoke.name, cvm_name=spoke.phala.name, flags=plan.phala_flags(spoke),
+                          phala_cli_version=plan.PHALA_CLI_VERSION)
             self.deployment = local.Command(
                 f"{name}-phala-app",
                 create=render.phala_script("deploy", **values),

@@ -8,13 +8,15 @@ setting) or `pulumi up --replace` on the resource makes a new key.
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets as _secrets
 from typing import Any
 
 import pulumi
 import pulumi.dynamic as dynamic
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
 KINDS = ("wireguard", "preshared", "ssh-ed25519")
 
@@ -48,12 +50,55 @@ def ssh_key_pair(comment: str) -> tuple[str, str]:
     return private_text, f"{public_text} {comment}"
 
 
+class SshKeyError(ValueError):
+    """A private key the program's SSH client (pulumi-command: Go's ssh.ParsePrivateKey) cannot use."""
+
+
+def load_ssh_private_key(private_text: str):
+    """A deploy key in any unencrypted form pulumi-command reads: OpenSSH, or PEM (PKCS#1 RSA,
+    SEC1 EC, PKCS#8) of an RSA, ECDSA or ed25519 key. Raises SshKeyError, never quoting the key."""
+    data = private_text.strip().encode() + b"\n"
+    encrypted = b"ENCRYPTED" in data or b"Proc-Type: 4,ENCRYPTED" in data
+    try:
+        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # cryptography: "Password was not given but private key is encrypted"
+        encrypted = True
+        key = None
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if encrypted or (key is None and b"bcrypt" in data):
+        raise SshKeyError("the key is encrypted with a passphrase; the program's SSH client takes an unencrypted "
+                          "key: make an unencrypted copy (cp KEY KEY.plain; ssh-keygen -p -N '' -f KEY.plain) "
+                          "or a new deploy key, and keep it only as a secret (pulumi config set --secret)")
+    if key is None:
+        raise SshKeyError("not a readable private key; give an OpenSSH key (-----BEGIN OPENSSH PRIVATE KEY-----) or "
+                          "a PEM RSA, ECDSA or ed25519 key, unencrypted")
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise SshKeyError(f"an RSA key of {key.key_size} bits; OpenSSH servers want 2048 or more (ed25519 is best)")
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+            raise SshKeyError(f"an ECDSA key on {key.curve.name}; SSH takes only P-256, P-384 and P-521")
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise SshKeyError(f"a {type(key).__name__.replace('PrivateKey', '').lstrip('_')} key; SSH servers take "
+                          "ed25519, ECDSA or RSA keys (DSA is refused by OpenSSH)")
+    return key
+
+
 def ssh_public_key(private_text: str, comment: str) -> str:
-    """The public line of an OpenSSH private key (for a configured deploy key)."""
-    private = serialization.load_ssh_private_key(private_text.encode(), password=None)
-    public_text = private.public_key().public_bytes(
+    """The public line ('ssh-ed25519 AAAA... comment') of a deploy key in any form load_ssh_private_key takes."""
+    public_text = load_ssh_private_key(private_text).public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     return f"{public_text} {comment}"
+
+
+def ssh_fingerprint_md5(public_line: str) -> str:
+    """DigitalOcean's fingerprint of a public key: MD5 of the key blob, colon-separated hex."""
+    digest = hashlib.md5(base64.b64decode(public_line.split()[1]), usedforsecurity=False).hexdigest()
+    return ":".join(digest[i:i + 2] for i in range(0, 32, 2))
 
 
 def make(kind: str, comment: str = "") -> dict[str, str]:

@@ -29,8 +29,13 @@ class Network(pulumi.ComponentResource):
         else:
             deploy = Key(f"{name}-deploy-key", "ssh-ed25519", comment=f"{name}-deploy", opts=child)
             deploy_private, deploy_public = pulumi.Output.secret(deploy.private_key), deploy.public_key
-        # The hub is always a droplet, so DigitalOcean always needs the key.
-        ssh_key = do.SshKey(f"{name}-deploy-key", name=f"{name}-deploy", public_key=deploy_public, opts=child)
+        # The hub is always a droplet, so DigitalOcean always needs the key: uploaded here, or named
+        # where it is already on the account (DigitalOcean refuses the same public key twice).
+        if config.digitalocean_ssh_key is not None:
+            ssh_key_id = pulumi.Output.from_input(config.digitalocean_ssh_key)
+        else:
+            ssh_key_id = do.SshKey(f"{name}-deploy-key", name=f"{name}-deploy", public_key=deploy_public,
+                                   opts=child).id
         # One tag per stack: two stacks on one account never share (or delete) each other's tag.
         tag_name = re.sub(r"[^A-Za-z0-9_:-]", "-", f"{name}-{pulumi.get_stack()}")[:255]
         tags = [do.Tag(f"{name}-tag", name=tag_name, opts=child).name]
@@ -49,7 +54,7 @@ class Network(pulumi.ComponentResource):
 
         self.hub = Hub(HUB_NAME, {
             "config": config, "private_key": hub_key.private_key, "peers": pulumi.Output.all(*peers),
-            "deploy_key": deploy_private, "ssh_key_id": ssh_key.id, "tags": tags,
+            "deploy_key": deploy_private, "ssh_key_id": ssh_key_id, "tags": tags,
         }, opts=child)
         self.hub_public_ip = self.hub.public_ip
 
@@ -71,7 +76,7 @@ class Network(pulumi.ComponentResource):
                 "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
                 "hub_ready": [self.hub.commands[-1]],
                 "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
-                "ssh_key_id": ssh_key.id, "tags": tags,
+                "ssh_key_id": ssh_key_id, "tags": tags,
             }, opts=child)
             for s in over_ssh
         }

@@ -12,6 +12,8 @@ SYSCTL_PATH = "/etc/sysctl.d/90-dstack-vpn.conf"
 STATUS_DIR = "/usr/local/lib/dstack-vpn"
 # dstack spokes: a tmpfs of the container, where the keys and the rendered files live.
 DSTACK_KEY_DIR = "/run/dstack-vpn"
+# Phala's CLI (npm `phala`), pinned: the version the deploy workflow installs and the scripts name.
+PHALA_CLI_VERSION = "1.1.18"
 # The app's encrypted environment: its only secrets.
 DSTACK_ENV_PRIVATE_KEY = "DSTACK_VPN_PRIVATE_KEY"
 DSTACK_ENV_PRESHARED_KEY = "DSTACK_VPN_PRESHARED_KEY"

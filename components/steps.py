@@ -2,7 +2,8 @@
 
 Each step is a script rendered from templates/scripts/ (no secret in it) plus
 the file it installs, passed on stdin (the only place key material travels).
-Steps run in order; on delete they run their undo script in reverse order.
+Steps run in order; on delete they run their undo script in reverse order (on hosts
+that stay: a droplet's steps go with the droplet).
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class Host:
     user: str
     triggers: Sequence[pulumi.Input] = ()
     """Replace every step when these change (e.g. a new droplet under the same address)."""
+    undo: bool = True
+    """Steps run their undo script when deleted. Not on a droplet: it goes with its steps, and a
+    delete runs against the old state's address, which a lost droplet can never answer."""
 
 
 def _command(step: Step, template: str, user: str) -> pulumi.Input[str]:
@@ -51,7 +55,7 @@ def run_steps(host: Host, steps: Sequence[Step], parent: pulumi.Resource,
     previous: list[pulumi.Resource] = list(depends_on)
     for step in steps:
         create = _command(step, f"scripts/{step.name}.sh", host.user)
-        delete = _command(step, f"scripts/{step.name}-undo.sh", host.user)
+        delete = _command(step, f"scripts/{step.name}-undo.sh", host.user) if host.undo else None
         cmd = remote.Command(
             f"{host.name}-{step.name}",
             connection=host.connection,

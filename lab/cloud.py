@@ -13,10 +13,14 @@
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
+import json
 import os
 import secrets
 import shlex
+import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +37,9 @@ from .hosts import UNDERLAY
 if TYPE_CHECKING:
     from .hosts import Lab
 
+# Disk of a few droplet sizes (GB), as DigitalOcean lists them: what a resize with resize_disk grows to.
+SIZE_DISK_GB = {"s-1vcpu-512mb-10gb": 10, "s-1vcpu-1gb": 25, "s-1vcpu-2gb": 50, "s-2vcpu-2gb": 60,
+                "s-2vcpu-4gb": 80, "s-4vcpu-8gb": 160}
 RESERVED_IP_FIRST = 200  # reserved IPs come from .200 up; hosts from .10 up
 CLOUD_FW_TABLE = "lab_cloud_firewall"
 
@@ -54,13 +61,19 @@ class Base:
     def delete(self, old: Record) -> None:
         pass
 
+    def read(self, old: Record) -> Record | None:
+        return old
+
 
 class Droplets(Base):
+    def read(self, old):  # a droplet deleted in the console is gone
+        return old if old.outputs.get("labHost") in self.cloud.lab.hosts else None
+
     def create(self, urn, inputs):
         lab = self.cloud.lab
         data = yaml.safe_load(inputs.get("userData") or "") or {}
         host_key = (data.get("ssh_keys") or {}).get("ed25519_private")
-        authorized = [self.cloud.ssh_key(i) for i in inputs.get("sshKeys", [])]
+        authorized = [self.cloud.account.public_key(i) for i in inputs.get("sshKeys", [])]
         authorized += list(data.get("ssh_authorized_keys") or [])
         droplet_id = str(100_000_000 + secrets.randbelow(900_000_000))
         # Lab host names are unique; a replacement runs beside the droplet it replaces.
@@ -72,7 +85,28 @@ class Droplets(Base):
                             "labHost": name}
 
     def update(self, urn, old, inputs):
-        return {**old.outputs, **inputs}
+        outputs = {**old.outputs, **inputs}
+        if old.inputs.get("size") != inputs.get("size"):
+            outputs["diskGb"] = self._resize(old, inputs)
+        return outputs
+
+    def _resize(self, old, inputs) -> int | None:
+        """As DigitalOcean's provider resizes: a hard power-off, the resize action, power on. A disk
+        that grew (resize_disk, true unless the program says otherwise) never shrinks again."""
+        host = self.cloud.lab.hosts[old.outputs["labHost"]]
+        disk = old.outputs.get("diskGb") or SIZE_DISK_GB.get(old.inputs.get("size"))
+        want = SIZE_DISK_GB.get(inputs["size"])
+        host.power_cut()
+        try:
+            if disk is not None and want is not None and want < disk:
+                raise CommandError(f"Error resizing droplet ({old.id}): POST .../v2/droplets/{old.id}/actions: 422 "
+                                   f"the droplet's disk ({disk} GB) is larger than {inputs['size']}'s ({want} GB)")
+            if inputs.get("resizeDisk", True) and want is not None:
+                disk = max(disk or 0, want)
+        finally:
+            host.boot()
+            host.wait_ssh(timeout=120)
+        return disk
 
     def delete(self, old):
         host = self.cloud.lab.hosts.get(old.outputs["labHost"])
@@ -89,6 +123,10 @@ class ReservedIps(Base):
 
 
 class Assignments(Base):
+    def read(self, old):  # DigitalOcean's read: gone unless the address is on that droplet
+        host = self.cloud.droplet_host(old.inputs["dropletId"], missing_ok=True)
+        return old if host is not None and old.inputs["ipAddress"] in host.extra_addresses else None
+
     def create(self, urn, inputs):
         host = self.cloud.droplet_host(inputs["dropletId"])
         # Assigning a reserved IP moves it, as DigitalOcean's assign action does.
@@ -106,6 +144,13 @@ class Assignments(Base):
 
 class Firewalls(Base):
     """Stateful like DigitalOcean's: inbound only what a rule allows, replies always."""
+
+    def read(self, old):  # droplet_ids as the API lists them: a deleted droplet is not among them
+        ids = [i for i in old.inputs.get("dropletIds", []) if self.cloud.droplet_host(i, missing_ok=True)]
+        if ids == old.inputs.get("dropletIds", []):
+            return old
+        return Record(**{**old.__dict__, "inputs": {**old.inputs, "dropletIds": ids},
+                         "outputs": {**old.outputs, "dropletIds": ids}})
 
     def _ruleset(self, inputs) -> str:
         lines = [f"table inet {CLOUD_FW_TABLE}", f"delete table inet {CLOUD_FW_TABLE}",
@@ -150,9 +195,71 @@ class Firewalls(Base):
 
 
 class SshKeys(Base):
+    """Keys on the account, shared by every stack of the lab as DigitalOcean's are by every stack
+    on one account: the same public key twice is refused with DigitalOcean's own answer."""
+
     def create(self, urn, inputs):
-        key_id = str(zlib.crc32(inputs["publicKey"].encode()))
-        return key_id, {**inputs, "fingerprint": f"lab:{key_id}"}
+        key_id, fingerprint = self.cloud.account.add_key(inputs["name"], inputs["publicKey"])
+        return key_id, {**inputs, "fingerprint": fingerprint}
+
+    def update(self, urn, old, inputs):  # a new name: renamed in place
+        self.cloud.account.rename_key(old.id, inputs["name"])
+        return {**old.outputs, **inputs}
+
+    def delete(self, old):
+        self.cloud.account.remove_key(old.id)
+
+
+class Account:
+    """The lab's DigitalOcean account: its SSH keys (a JSON file in the lab's state directory)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _load(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def _save(self, keys: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(keys, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def add_key(self, name: str, public_line: str) -> tuple[str, str]:
+        """(id, fingerprint) of a newly uploaded key."""
+        keys = self._load()
+        fingerprint = md5_fingerprint(public_line)
+        if any(k["fingerprint"] == fingerprint for k in keys.values()):
+            raise CommandError("Error creating SSH Key: POST https://api.digitalocean.com/v2/account/keys: 422 "
+                               "SSH Key is already in use on your account")
+        key_id = str(10_000_000 + zlib.crc32(public_line.split()[1].encode()) % 90_000_000)
+        keys[key_id] = {"name": name, "public_key": public_line.strip(), "fingerprint": fingerprint}
+        self._save(keys)
+        return key_id, fingerprint
+
+    def rename_key(self, key_id: str, name: str) -> None:
+        keys = self._load()
+        keys[key_id]["name"] = name
+        self._save(keys)
+
+    def remove_key(self, key_id: str) -> None:
+        keys = self._load()
+        if keys.pop(str(key_id), None) is None:
+            raise CommandError(f"Error deleting SSH key: DELETE .../v2/account/keys/{key_id}: 404 not found")
+        self._save(keys)
+
+    def public_key(self, id_or_fingerprint) -> str:
+        """What a droplet's ssh_keys entry (an id, or a fingerprint) names, as DigitalOcean resolves it."""
+        for key_id, key in self._load().items():
+            if str(id_or_fingerprint) in (key_id, key["fingerprint"]):
+                return key["public_key"]
+        raise CommandError(f"Error creating droplet: POST .../v2/droplets: 422 ssh_keys: {id_or_fingerprint} "
+                           "is not a key on your account")
+
+
+def md5_fingerprint(public_line: str) -> str:
+    digest = hashlib.md5(base64.b64decode(public_line.split()[1]), usedforsecurity=False).hexdigest()
+    return ":".join(digest[i:i + 2] for i in range(0, 32, 2))
 
 
 class Tags(Base):
@@ -167,6 +274,12 @@ class DynamicKeys(Base):
         provider = diffs.load_provider(inputs)
         result = provider.create({k: v for k, v in inputs.items() if k != diffs.PROVIDER_KEY})
         return result.id, {**(result.outs or {}), diffs.PROVIDER_KEY: inputs[diffs.PROVIDER_KEY]}
+
+    def delete(self, old):
+        """As Pulumi's provider host deletes: the provider unpickled from the old outputs (a state
+        whose provider reference no longer loads cannot delete its keys)."""
+        provider = diffs.load_provider(old.outputs)
+        provider.delete(old.id, {k: v for k, v in old.outputs.items() if k != diffs.PROVIDER_KEY})
 
 
 class Commands(Base):
@@ -185,11 +298,27 @@ class Commands(Base):
             self.cloud.run_remote(old.urn, old.inputs, old.inputs["delete"], None)
 
 
+def agent_socket_check(path: str | None) -> None:
+    """pulumi-command dials the agent named by SSH_AUTH_SOCK (or agentSocketPath) before every
+    connection, and a dead one fails the step at once, outside its dial retries."""
+    if not path:
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as err:
+        reason = "no such file or directory" if isinstance(err, FileNotFoundError) else "connection refused"
+        raise CommandError(f"dial unix {path}: connect: {reason}") from None
+    finally:
+        sock.close()
+
+
 class Cloud:
     def __init__(self, lab: "Lab", engine_state=None, log=print):
         self.lab = lab
         self.state = engine_state
         self.log = log
+        self.account = Account(lab.state_dir / "digitalocean-account.json")
 
     def providers(self) -> dict:
         return {
@@ -212,12 +341,6 @@ class Cloud:
     def _records(self, typ: str) -> list[Record]:
         return [r for r in list(self.state.records.values()) if r.type == typ]
 
-    def ssh_key(self, key_id) -> str:
-        for r in self._records("digitalocean:index/sshKey:SshKey"):
-            if r.id == str(key_id):
-                return r.inputs["publicKey"]
-        raise KeyError(f"no DigitalOcean SSH key {key_id} in the lab")
-
     def droplet_host(self, droplet_id, missing_ok: bool = False):
         for r in self._records("digitalocean:index/droplet:Droplet"):
             if r.id == str(droplet_id):
@@ -237,6 +360,7 @@ class Cloud:
         conn = inputs["connection"]
         name = urn.split("::")[-1]
         host, port, user = conn["host"], int(conn.get("port", 22)), conn.get("user", "root")
+        agent_socket_check(conn.get("agentSocketPath") or os.environ.get("SSH_AUTH_SOCK"))
         limit = int(conn.get("dialErrorLimit", 10))
         timeout = int(conn.get("perDialTimeout", 15))
         with tempfile.TemporaryDirectory(prefix="lab-ssh-") as tmp:  # 0700
@@ -252,7 +376,10 @@ class Cloud:
                 known = Path(tmp) / "known_hosts"
                 target = host if port == 22 else f"[{host}]:{port}"
                 known.write_text(f"{target} {conn['hostKey']}\n")
-                argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]
+                # pulumi-command offers the server only the pinned key's own type (Go's
+                # publicKey.Type(): `ssh-rsa` means SHA-1 RSA), not OpenSSH's negotiated list.
+                argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+                         "-o", f"HostKeyAlgorithms={conn['hostKey'].split()[0]}"]
             else:
                 argv += ["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"]
             env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (inputs.get("environment") or {}).items())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import pulumi
+import yaml
 from pulumi.runtime import mocks as pmocks
 from pulumi.runtime import rpc
 from pulumi.runtime import sync_await
@@ -38,6 +39,8 @@ class Provider(Protocol):
         """'none', 'update' or 'replace'."""
     def update(self, urn: str, old: "Record", inputs: dict) -> dict: ...
     def delete(self, old: "Record") -> None: ...
+    def read(self, old: "Record") -> "Record | None":
+        """Refresh: the resource as the cloud has it now; None when it is gone."""
 
 
 @dataclass
@@ -214,10 +217,30 @@ class Engine:
                 self.state.drop(record.urn)
             self._act("delete", record, record.type)
 
-    # -- the two commands ----------------------------------------------------
+    # -- the commands ----------------------------------------------------------
+    def refresh(self) -> Result:
+        """`pulumi refresh`: each resource read back from the cloud; one that is gone leaves the state.
+        (pulumi-command's Command has no read: its record stays as it was.)"""
+        result = Result()
+        for urn, record in list(self.state.records.items()):
+            read = getattr(self.provider(record.type), "read", None)
+            current = record if read is None else read(record)
+            if current is None:
+                self.state.drop(urn)
+                result.actions.append(Action("gone", urn, record.type))
+                self.log(f"  {'gone':<8} {record.type.split(':')[-1]:<22} {urn.split('::')[-1]}")
+            elif current is not record:
+                self.state.put(current)
+                result.actions.append(Action("refresh", urn, record.type))
+        return result
+
     def up(self, settings: dict[str, Any], secret_keys: tuple[str, ...] = SECRET_KEYS,
-           stack: str = "lab", program: Path = ROOT / "__main__.py", continue_on_error: bool = False) -> Result:
+           stack: str = "lab", program: Path = ROOT / "__main__.py", continue_on_error: bool = False,
+           refresh: bool | None = None) -> Result:
+        """refresh: None reads the project's own `options.refresh` (Pulumi.yaml), as the CLI does."""
+        refreshed = self.refresh() if (refresh_always(program) if refresh is None else refresh) else Result()
         self.result, self.registered, self.pending_deletes, self.errors = Result(), set(), [], []
+        self.result.actions.extend(refreshed.actions)
         try:
             self.result.outputs = run_program(_Monitor(self), _NoMocks(), settings, stack, secret_keys=secret_keys,
                                               program=program, continue_on_error=continue_on_error)
@@ -232,10 +255,21 @@ class Engine:
         self._delete(gone + self.pending_deletes)
         return self.result
 
-    def destroy(self) -> Result:
+    def destroy(self, refresh: bool | None = None, program: Path = ROOT / "__main__.py") -> Result:
+        refreshed = self.refresh() if (refresh_always(program) if refresh is None else refresh) else Result()
         self.result, self.errors = Result(), []
+        self.result.actions.extend(refreshed.actions)
         self._delete(list(self.state.records.values()))
         return self.result
+
+
+def refresh_always(program: Path) -> bool:
+    """The project's `options: refresh: always` (Pulumi.yaml beside the program)."""
+    project = Path(program).parent / "Pulumi.yaml"
+    if not project.exists():
+        return False
+    data = yaml.safe_load(project.read_text()) or {}
+    return (data.get("options") or {}).get("refresh") == "always"
 
 
 class _NoMocks(pulumi.runtime.Mocks):

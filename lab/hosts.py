@@ -368,6 +368,10 @@ class Host:
 
     stop = poweroff
 
+    def power_cut(self) -> None:
+        """A hard power-off, as DigitalOcean's power_off action: no clean shutdown."""
+        self._kill_remains()
+
     def _kill_remains(self) -> None:
         """SIGKILL whatever still runs in the host's cgroups, then remove them.
 

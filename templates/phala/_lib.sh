@@ -6,7 +6,15 @@ set -euo pipefail
 umask 077
 say() { printf 'dstack-vpn phala %s: %s\n' {{ node | shquote }} "$*" >&2; }
 fail() { say "$*"; exit 1; }
-command -v phala >/dev/null 2>&1 || fail "the Phala Cloud CLI is not on PATH (npm install -g phala)"
+command -v phala >/dev/null 2>&1 || fail "the Phala Cloud CLI is not on PATH (npm install -g phala@{{ phala_cli_version }})"
+# The API key this resource stored when it last ran comes in PHALA_CLOUD_API_KEY (a delete runs
+# with it, even after the key was rotated at Phala); the operator's current key, exported as
+# DSTACK_VPN_PHALA_API_KEY where `pulumi` runs, wins over it.
+if [ -n "${DSTACK_VPN_PHALA_API_KEY:-}" ]; then
+	PHALA_CLOUD_API_KEY=$DSTACK_VPN_PHALA_API_KEY
+	export PHALA_CLOUD_API_KEY
+fi
+unset DSTACK_VPN_PHALA_API_KEY
 [ -n "${PHALA_CLOUD_API_KEY:-}" ] || fail "PHALA_CLOUD_API_KEY is empty (set phalaApiKey)"
 export CI=1 PHALA_DISABLE_UPDATE_CHECK=1
 # The app's files, out of the environment: the CLI's process gets only the key it needs.

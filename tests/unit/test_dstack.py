@@ -201,6 +201,9 @@ if answer == "fail":
 if answer == "not-found":
     print("Error: CVM not found", file=sys.stderr)
     sys.exit(1)
+if os.environ.get("PHALA_CLOUD_API_KEY") != os.environ.get("PHALA_STAND_IN_VALID_KEY", os.environ["PHALA_CLOUD_API_KEY"]):
+    print("Error: 401 Unauthorized: invalid API key", file=sys.stderr)
+    sys.exit(1)
 print("Provisioning CVM...")
 print(json.dumps({"success": True, "vm_uuid": "0b6f-uuid", "app_id": "a1b2c3", "name": "dstack-vpn-node-d"}))
 '''
@@ -215,13 +218,16 @@ def phala(tmp_path):
     return bin_dir
 
 
-def run_command(run, phala, tmp_path, action, previous="", answer="ok", path=None):
-    """Run the command as pulumi-command would: its interpreter, its environment, the last stdout."""
+def run_command(run, phala, tmp_path, action, previous="", answer="ok", path=None, operator_env=None,
+                inputs=None):
+    """Run the command as pulumi-command would: its interpreter, the operator's environment with the
+    command's own appended (the command's win on a clash, as in Go's exec), the last stdout.
+    inputs: the command's inputs as an older state holds them (a delete runs with those)."""
     (app,) = run.of_type("command:local:Command")
-    inputs = program.unwrap(app.inputs)
+    inputs = inputs or program.unwrap(app.inputs)
     log = tmp_path / "calls.jsonl"
     env = {"PATH": path or f"{phala}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
-           "PHALA_STAND_IN_LOG": str(log), "PHALA_STAND_IN_ANSWER": answer,
+           "PHALA_STAND_IN_LOG": str(log), "PHALA_STAND_IN_ANSWER": answer, **(operator_env or {}),
            "PULUMI_COMMAND_STDOUT": previous, **inputs["environment"]}
     proc = subprocess.run([*inputs["interpreter"], inputs[action]], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
@@ -236,7 +242,7 @@ def secrets_of(run):
 def test_create_deploys_a_new_cvm_with_public_logs_off(run, phala, tmp_path):
     proc, (call,), inputs = run_command(run, phala, tmp_path, "create")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["cvm_id=0b6f-uuid", "app_id=a1b2c3"]
+    assert proc.stdout.splitlines()[:2] == ["cvm_id=0b6f-uuid", "app_id=a1b2c3"]
     argv = call["argv"]
     assert argv[0] == "deploy" and argv[argv.index("-n") + 1] == "dstack-vpn-node-d"
     assert {"--no-dev-os", "--no-public-logs", "--no-public-sysinfo", "--json"} <= set(argv)
@@ -276,5 +282,33 @@ def test_failures_are_reported_plainly(run, phala, tmp_path):
     assert proc.returncode != 0 and "phala deploy failed" in proc.stderr and "quota exceeded" in proc.stderr
     assert not [s[:6] for s in secrets_of(run) if s in proc.stdout + proc.stderr]
     proc, _, _ = run_command(run, phala, tmp_path, "create", path="/usr/bin:/bin")
-    assert proc.returncode != 0 and "the Phala Cloud CLI is not on PATH (npm install -g phala)" in proc.stderr
+    assert proc.returncode != 0 and \
+        f"the Phala Cloud CLI is not on PATH (npm install -g phala@{plan.PHALA_CLI_VERSION})" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["bin", "calls.jsonl"]  # no work folder left behind
+
+
+def test_an_update_that_leaves_the_app_as_it_was_deploys_nothing(run, phala, tmp_path):
+    """A new API key or new scripts update the resource; the CVM is redeployed only for a new app."""
+    created, _, _ = run_command(run, phala, tmp_path, "create")
+    (tmp_path / "calls.jsonl").unlink()
+    proc, calls, _ = run_command(run, phala, tmp_path, "update", previous=created.stdout)
+    assert proc.returncode == 0 and calls == [], proc.stderr
+    assert "left as it is" in proc.stderr and proc.stdout == created.stdout
+    proc, (call,), _ = run_command(run, phala, tmp_path, "update",
+                                   previous=created.stdout.replace("compose_sha256=", "compose_sha256=0"))
+    assert proc.returncode == 0 and "--cvm-id" in call["argv"]
+
+
+def test_delete_after_the_key_was_rotated_uses_the_operators_current_key(run, phala, tmp_path):
+    """A delete runs with the command's stored environment (the old key); the key exported as
+    DSTACK_VPN_PHALA_API_KEY where `pulumi` runs is used instead, and a refused key says so."""
+    valid = {"PHALA_STAND_IN_VALID_KEY": "phak_new_key_after_rotation"}
+    proc, calls, _ = run_command(run, phala, tmp_path, "delete", previous="cvm_id=0b6f-uuid\n", operator_env=valid)
+    assert proc.returncode != 0 and "export DSTACK_VPN_PHALA_API_KEY=" in proc.stderr
+    assert API_KEY not in proc.stderr + proc.stdout
+    (tmp_path / "calls.jsonl").unlink()
+    proc, (call,), _ = run_command(run, phala, tmp_path, "delete", previous="cvm_id=0b6f-uuid\n",
+                                   operator_env={**valid, "DSTACK_VPN_PHALA_API_KEY": "phak_new_key_after_rotation"})
+    assert proc.returncode == 0, proc.stderr
+    assert call["env"]["PHALA_CLOUD_API_KEY"] == "phak_new_key_after_rotation"
+    assert "DSTACK_VPN_PHALA_API_KEY" not in call["env"]

@@ -21,6 +21,11 @@ class Recorder:
     def __init__(self, fail_on: set[str] | None = None):
         self.calls: list[tuple[str, str]] = []
         self.fail_on = fail_on or set()
+        self.gone: set[str] = set()
+        """Names of resources deleted outside Pulumi (a refresh reads them as gone)."""
+
+    def read(self, old):
+        return None if old.urn.split("::")[-1] in self.gone else old
 
     def _outputs(self, urn, inputs):
         typ = urn.split("::")[-2].split("$")[-1]
@@ -52,6 +57,8 @@ class Recorder:
         return {**old.outputs, **{k: v for k, v in inputs.items() if k != diffs.PROVIDER_KEY}}
 
     def delete(self, old):
+        if old.type == diffs.COMMAND and not old.inputs.get("delete"):
+            return  # pulumi-command: no delete command, nothing runs (and nothing is dialled)
         self.calls.append(("delete", old.urn.split("::")[-1]))
 
 
@@ -120,7 +127,7 @@ def test_rotation_replaces_the_key_and_reruns_two_steps(lab):
     assert commands(rec.calls) == ["hub-wireguard", "node-b-wireguard"]
 
 
-def test_replaced_droplet_reruns_its_steps_deleting_on_the_old_one_first(lab):
+def test_replaced_droplet_reruns_its_steps_undoing_nothing_on_the_old_one(lab):
     engine, rec = lab
     engine.up(settings())
     rec.calls.clear()
@@ -130,9 +137,9 @@ def test_replaced_droplet_reruns_its_steps_deleting_on_the_old_one_first(lab):
     rec.calls.clear()
     engine.up(settings(spokes=spokes, hubImage="ubuntu-22-04-x64"))
     names = [f"{o} {n}" for o, n in rec.calls]
-    # steps are replaced (delete before replace) while the old droplet still exists
-    assert names.index("delete hub-install") < names.index("create hub-install")
-    assert names.index("create hub") < names.index("delete hub-install")
+    # steps run again on the new droplet; nothing is undone on the old one, which goes last
+    assert not any(n.startswith("delete hub-") and n.endswith(STEPS) and "cloud" not in n for n in names), names
+    assert names.index("create hub") < names.index("create hub-install") < names.index("create hub-wireguard")
     assert names[-1] == "delete hub" or names.index("delete hub") > names.index("create hub-wireguard")
     assert "create hub-ip-assignment" in names  # the reserved IP moves
     assert not any(n.startswith("node-") for _, n in rec.calls)
@@ -145,9 +152,10 @@ def test_destroy_deletes_everything_dependents_first(lab):
     engine.destroy()
     deletes = [n for o, n in rec.calls if o == "delete"]
     assert len(deletes) == len(set(deletes)) and "hub" in deletes
-    for host in ("hub", "node-a"):
-        assert deletes.index(f"{host}-install") < deletes.index(host)
-    assert deletes.index("hub-wireguard") < deletes.index("hub-firewall") < deletes.index("hub-install")
+    # a host that stays is undone step by step, in reverse; a droplet goes with its steps
+    assert deletes.index("node-b-status") < deletes.index("node-b-wireguard") < deletes.index("node-b-firewall") \
+        < deletes.index("node-b-install")
+    assert not any(n.startswith(("hub-", "node-a-")) and n.endswith(STEPS) and "cloud" not in n for n in deletes)
     assert engine.state.records == {}
 
 
@@ -198,3 +206,43 @@ def test_continue_on_error_converges_everything_else(tmp_path):
     rec.calls.clear()
     Engine(tmp_path / "state.json", {"": rec}, log=lambda _: None).up(settings())
     assert commands(rec.calls) == ["node-b-firewall", "node-b-install", "node-b-status", "node-b-wireguard"]
+
+
+def test_a_droplet_lost_outside_pulumi_is_made_again_without_dialling_the_old_one(lab):
+    """The runbook: droplet deleted in the console, then `up` (which refreshes first, Pulumi.yaml)."""
+    engine, rec = lab
+    engine.up(settings())
+    rec.calls.clear()
+    rec.gone |= {"hub", "hub-ip-assignment"}  # DigitalOcean unassigns the IP of a deleted droplet
+    result = engine.up(settings())
+    ops = sorted((a.op, a.name) for a in result.actions)
+    assert ("gone", "hub") in ops and ("gone", "hub-ip-assignment") in ops
+    assert ("create", "hub") in ops and ("create", "hub-ip-assignment") in ops
+    assert [n for o, n in ops if o == "replace"] == ["hub-firewall", "hub-forwarding", "hub-install",
+                                                      "hub-wireguard"]
+    # nothing ran against the lost droplet: no undo, no delete of the droplet or its assignment
+    assert [c for c in rec.calls if c[0] == "delete"] == []
+    assert ("update", "hub-cloud-firewall") in rec.calls
+    rec.gone.clear()
+    assert engine.up(settings()).actions == []
+
+
+def test_without_refresh_a_lost_droplet_goes_unnoticed(lab):
+    engine, rec = lab
+    engine.up(settings())
+    rec.gone.add("node-a")
+    assert engine.up(settings(), refresh=False).actions == []
+
+
+def test_destroy_after_a_lost_droplet_deletes_the_rest(lab):
+    engine, rec = lab
+    engine.up(settings())
+    rec.calls.clear()
+    rec.gone |= {"node-a"}
+    engine.destroy()
+    deleted = {n for o, n in rec.calls if o == "delete"}
+    assert "node-a" not in deleted and "hub" in deleted and "node-a-cloud-firewall" in deleted
+    # the `ssh` spokes still get their undo; no droplet step has one
+    assert {"node-b-wireguard", "node-c-install"} <= deleted
+    assert not any(n.startswith(("hub-", "node-a-")) and n.endswith(STEPS) and "cloud" not in n for n in deleted)
+    assert engine.state.records == {}

@@ -445,3 +445,20 @@ def test_pinning_rule_catches_a_broken_copy(what, mutate):
 def test_an_exact_version_tag_is_accepted():
     check_pinned(PREVIEW.read_text().replace(
         "actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1 # v7.0.1", "actions/checkout@v7.0.1"))
+
+
+def test_deploy_installs_the_pinned_phala_cli_before_pulumi_up(deploy):
+    """dstack spokes with `phala` settings are deployed by Phala's CLI from `pulumi up`: the runner
+    must have the version the program's scripts name, exactly."""
+    from components import plan
+
+    steps = deploy["jobs"]["deploy"]["steps"]
+    names = [s.get("name", s.get("uses", "")) for s in steps]
+    install = names.index("Install the Phala Cloud CLI (pinned)")
+    up = next(i for i, s in enumerate(steps) if s.get("uses", "").startswith(PULUMI_ACTION))
+    assert install < up
+    step = steps[install]
+    assert step["env"]["PHALA_CLI_VERSION"] == plan.PHALA_CLI_VERSION
+    assert re.fullmatch(r"\d+\.\d+\.\d+", plan.PHALA_CLI_VERSION)
+    assert 'npm install --global --no-fund --no-audit "phala@${PHALA_CLI_VERSION}"' in step["run"]
+    assert steps[up]["env"]["DSTACK_VPN_PHALA_API_KEY"] == "${{ secrets.PHALA_CLOUD_API_KEY }}"
