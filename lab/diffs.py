@@ -21,6 +21,7 @@ REPLACE_ON = {
 }
 DYNAMIC = "pulumi-python:dynamic:Resource"
 COMMAND = "command:remote:Command"
+LOCAL_COMMAND = "command:local:Command"
 PROVIDER_KEY = "__provider"
 
 
@@ -33,7 +34,7 @@ def diff(typ: str, old_inputs: dict, old_outputs: dict, new_inputs: dict) -> str
     fields = changed(old_inputs, new_inputs)
     if not fields:
         return "none"
-    if typ == COMMAND:
+    if typ in (COMMAND, LOCAL_COMMAND):
         # pulumi-command: a change of triggers replaces; anything else runs `update`.
         return "replace" if "triggers" in fields else "update"
     if typ == DYNAMIC:

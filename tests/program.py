@@ -71,9 +71,7 @@ _SEEDED: dict[str, dict[str, str]] = {}
 
 
 def seeded_key(seed: str, inputs: dict) -> dict[str, str]:
-    """The same key for the same seed: lets two runs be compared input for input.
-
-    Cached, since OpenSSH private key text carries a random check number."""
+    """The same key for the same seed: lets two runs be compared input for input."""
     if seed not in _SEEDED:
         _SEEDED[seed] = _seeded_key(seed, inputs)
     return _SEEDED[seed]
@@ -91,9 +89,13 @@ def _seeded_key(seed: str, inputs: dict) -> dict[str, str]:
     raw = hashlib.sha256(seed.encode()).digest()
     if inputs["kind"] == "ssh-ed25519":
         private = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
-        text = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        # PKCS#8, a form the program takes: OpenSSH's carries a random check number, this is the
+        # same text in every process (the recorded resource graph hashes it)
+        text = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()).decode()
-        return {"private_key": text, "public_key": keys.ssh_public_key(text, inputs.get("comment", ""))}
+        public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH).decode()
+        return {"private_key": text, "public_key": f"{public} {inputs.get('comment', '')}"}
     private_b64 = base64.b64encode(raw).decode()
     if inputs["kind"] == "preshared":
         return {"private_key": private_b64, "public_key": ""}
