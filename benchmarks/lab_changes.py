@@ -1,5 +1,5 @@
 """Day-two changes in the lab, measured: for adding a spoke, rotating a key, replacing the hub,
-restarting the dstack spoke's app and rebooting a host, the time it took, the packets a 50 ms ping between two spokes lost
+resizing it, losing it outside Pulumi, restarting the dstack spoke's app and rebooting a host, the time it took, the packets a 50 ms ping between two spokes lost
 meanwhile, and the remote steps the change ran.
 
 Run as root: .venv/bin/python benchmarks/lab_changes.py
@@ -52,9 +52,6 @@ def measure(net: LabNetwork, change: str, act, own: str | None = None) -> dict:
 def main() -> None:
     net = LabNetwork(name="dvm", log=lambda *_: None)
     base = [dict(s) for s in stack_settings()["spokes"]]
-    for spoke in base:
-        if spoke["kind"] == "droplet":
-            spoke["image"] = "ubuntu-24-04-x64"  # its own, so a new hub image leaves it alone
     rows = []
     try:
         net.lab.cleanup_stale()
@@ -80,6 +77,14 @@ def main() -> None:
         rotated[2]["keyRotation"] = 1
         rows.append(measure(net, "3 rotate node-c's key", lambda: up(rotated), own="node-c"))
         rows.append(measure(net, "5 replace the hub", lambda: up(rotated, hubImage="ubuntu-22-04-x64")))
+        # DigitalOcean's provider powers a droplet off to resize it: the hub is away for a boot
+        rows.append(measure(net, "resize the hub (power cycle)",
+                            lambda: up(rotated, hubImage="ubuntu-22-04-x64", hubSize="s-2vcpu-4gb")))
+
+        def lose_the_hub():
+            net.node_hosts()["hub"].destroy()  # deleted in the console; `up` refreshes first
+            return up(rotated, hubImage="ubuntu-22-04-x64", hubSize="s-2vcpu-4gb")
+        rows.append(measure(net, "hub deleted in the console, then up", lose_the_hub))
         rows.append(measure(net, "dstack app of node-d restarted", restart_dstack_app, own="node-d"))
         for node in ("node-c", "hub"):
             host = net.node_hosts()[node]

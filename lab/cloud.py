@@ -33,6 +33,7 @@ import yaml
 from . import diffs
 from .engine import Engine, Record
 from .hosts import UNDERLAY
+from .packages import suite_for_image
 
 if TYPE_CHECKING:
     from .hosts import Lab
@@ -78,7 +79,9 @@ class Droplets(Base):
         droplet_id = str(100_000_000 + secrets.randbelow(900_000_000))
         # Lab host names are unique; a replacement runs beside the droplet it replaces.
         name = f"{inputs['name'][:22]}-{droplet_id[-6:]}"
-        host = lab.host(name, authorized_keys=authorized, host_key_private_openssh=host_key)
+        # The image slug picks the Debian release the host runs (debian-13-* trixie, else bookworm).
+        host = lab.host(name, authorized_keys=authorized, host_key_private_openssh=host_key,
+                        suite=suite_for_image(inputs.get("image")))
         host.boot()
         host.wait_ssh(timeout=120)
         return droplet_id, {**inputs, "id": droplet_id, "ipv4Address": host.address, "status": "active",
@@ -172,7 +175,7 @@ class Firewalls(Base):
     def _apply(self, inputs) -> None:
         for droplet_id in inputs.get("dropletIds", []):
             host = self.cloud.droplet_host(droplet_id)
-            host.exec(["nft", "-f", "-"], input=self._ruleset(inputs), text=True, check=True)
+            host.nft(["-f", "-"], input=self._ruleset(inputs), text=True, check=True)
 
     def create(self, urn, inputs):
         self._apply(inputs)
@@ -187,7 +190,7 @@ class Firewalls(Base):
     def _remove(self, droplet_id) -> None:
         host = self.cloud.droplet_host(droplet_id, missing_ok=True)
         if host is not None and host.running:
-            host.exec(["nft", "delete", "table", "inet", CLOUD_FW_TABLE])
+            host.nft(["delete", "table", "inet", CLOUD_FW_TABLE])
 
     def delete(self, old):
         for droplet_id in old.inputs.get("dropletIds", []):
@@ -368,9 +371,11 @@ class Cloud:
             fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(conn["privateKey"])
+            # LogLevel INFO: OpenSSH reports a failed negotiation (e.g. no common host key
+            # algorithm) at that level only.
             argv = ["ip", "netns", "exec", self.lab.op_ns, "ssh", "-F", "/dev/null", "-i", str(key),
                     "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
-                    "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
+                    "-o", "LogLevel=INFO", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
                     "-p", str(port)]
             if conn.get("hostKey"):
                 known = Path(tmp) / "known_hosts"

@@ -1,10 +1,10 @@
 """Real Linux hosts for the lab: systemd machines on a private underlay.
 
 Each host is a systemd-nspawn machine booted from a shared read-only Debian
-image (see packages.py) with an overlay of its own, in a network namespace of
-its own whose eth0 hangs on a bridge in the lab's "wan" namespace. The lab's
-SSH client runs in an operator namespace on the same bridge. Nothing is ever
-added to the machine's own network namespace.
+image of its suite (bookworm or trixie, see packages.py) with an overlay of its
+own, in a network namespace of its own whose eth0 hangs on a bridge in the
+lab's "wan" namespace. The lab's SSH client runs in an operator namespace on
+the same bridge. Nothing is ever added to the machine's own network namespace.
 
 Everything the lab creates is recorded under its state directory before it
 is created, so a later process (the next CLI invocation) can find running
@@ -120,6 +120,7 @@ class Host:
         self.extra_addresses: list[str] = list(state.get("extra_addresses", []))
         self.ssh_user: str | None = state.get("ssh_user")
         self.host_key_public: str = state.get("host_key_public", "")
+        self.suite: str = state.get("suite", packages.DEFAULT_SUITE)
         self.image = Path(state["image"])
         self.repo = Path(state["repo"])
         self.netns: str = state["netns"]
@@ -132,7 +133,7 @@ class Host:
         _write_json(self.dir / "host.json", {
             "name": self.name, "address": self.address, "extra_addresses": self.extra_addresses,
             "ssh_user": self.ssh_user, "host_key_public": self.host_key_public,
-            "image": str(self.image), "repo": str(self.repo), "netns": self.netns,
+            "suite": self.suite, "image": str(self.image), "repo": str(self.repo), "netns": self.netns,
             "veth": self.veth, "cgroups": [str(c) for c in self.cgroups]})
 
     def __repr__(self) -> str:
@@ -215,6 +216,23 @@ class Host:
         """Run argv on this machine inside the host's network namespace (a probe
         from outside: the guest's file system and processes are not involved)."""
         return run(["ip", "netns", "exec", self.netns, *argv], **{"check": False, **kwargs})
+
+    def nft(self, args, **kwargs) -> subprocess.CompletedProcess:
+        """Run nft on the host's network namespace from this machine (the lab's cloud
+        firewall, probes), with the host's own nft once it has one.
+
+        nft reads the kernel's tables back before it changes them, and an older nft
+        cannot read a newer one's: this machine's nft 1.0.6 (Debian 12) dies of SIGSEGV
+        on any set a Debian 13 host's nft 1.1.3 made. Before the host installs nftables
+        its kernel holds nothing but what this machine's nft wrote. A stopped host's
+        tables stay in its namespace: there this machine's nft is all there is.
+        """
+        pid = self.guest_pid()
+        if pid is not None and Path(f"/proc/{pid}/root/usr/sbin/nft").exists():
+            argv = ["nsenter", f"--target={pid}", "--mount", "--net", "/usr/sbin/nft", *args]
+        else:
+            argv = ["ip", "netns", "exec", self.netns, "nft", *args]
+        return run(argv, **{"check": False, **kwargs})
 
     def _ensure_network(self) -> None:
         """Create the host's namespace and eth0, or create them again when the
@@ -415,8 +433,8 @@ class Host:
 
     def status(self) -> dict:
         return {"name": self.name, "address": self.address, "extra_addresses": list(self.extra_addresses),
-                "running": self.running, "guest_pid": self.guest_pid(), "ssh_user": self.ssh_user,
-                "host_key": self.host_key_public}
+                "suite": self.suite, "running": self.running, "guest_pid": self.guest_pid(),
+                "ssh_user": self.ssh_user, "host_key": self.host_key_public}
 
 
 class Lab:
@@ -439,8 +457,9 @@ class Lab:
         self.op_ns = f"{self.prefix}op"
         self.operator_key = self.state_dir / "operator_key"
         self.known_hosts = self.state_dir / "known_hosts"
-        self.image: Path | None = None
-        self.repo: Path | None = None
+        # suite -> its base image (rootfs) and its apt repository, once prepared
+        self.images: dict[str, Path] = {}
+        self.repos: dict[str, Path] = {}
         self._lock = threading.RLock()
         self._saved_handlers: dict = {}
         self.hosts: dict[str, Host] = {}
@@ -456,16 +475,25 @@ class Lab:
     # -- setup -------------------------------------------------------------------
 
     def prepare(self) -> float:
-        """Install machine packages, build or reuse the image and the apt
-        repository; return seconds taken."""
+        """Install machine packages, build or reuse every suite's image and apt
+        repository; return seconds taken. A cold build prints how long it took."""
         with self._lock:
             t0 = time.monotonic()
             if os.geteuid() != 0:
                 raise PermissionError("the lab needs root (namespaces, systemd-nspawn)")
-            if self.image is None:
+            if not self.images:
                 packages.ensure_machine_packages()
-                self.image = packages.base_image(self.cache_dir)
-                self.repo = packages.local_repo(self.cache_dir, self.image)
+            for suite in packages.SUITES:
+                if suite in self.images:
+                    continue
+                t_suite = time.monotonic()
+                image = packages.base_image(self.cache_dir, suite)
+                self.repos[suite] = packages.local_repo(self.cache_dir, image, suite=suite)
+                self.images[suite] = image
+                seconds = time.monotonic() - t_suite
+                if seconds > 1:  # not simply found in the cache: built (here or by another lab process)
+                    print(f"[lab] {suite} image and apt repository ready in {seconds:.1f}s",
+                          file=sys.stderr, flush=True)
             return time.monotonic() - t0
 
     def _record(self) -> dict:
@@ -525,16 +553,20 @@ class Lab:
             run(["ip", "-n", ns, "neigh", "flush", "to", ip], check=False)
 
     def host(self, name: str, address: str | None = None, *, authorized_keys=(),
-             host_key_private_openssh: str | None = None, ssh_user: str | None = None) -> Host:
+             host_key_private_openssh: str | None = None, ssh_user: str | None = None,
+             suite: str = packages.DEFAULT_SUITE) -> Host:
         """Create a host (not yet booted): its disk, namespace and known host key.
 
         authorized_keys: public keys for root (and ssh_user), besides the lab's
         operator key. host_key_private_openssh: an ed25519 private key in
         OpenSSH format to install as the host key; a new one when omitted.
-        ssh_user: also create this user, with passwordless sudo.
+        ssh_user: also create this user, with passwordless sudo. suite: the
+        Debian release it runs (packages.SUITES), kept for its whole life.
         """
         if not _HOST_NAME.fullmatch(name) or name in _RESERVED_NAMES:
             raise ValueError(f"host name {name!r}: want 1-31 of a-z, 0-9 and '-', not wan or op")
+        if suite not in packages.SUITES:
+            raise ValueError(f"host {name}: suite {suite!r}, want one of {', '.join(packages.SUITES)}")
         self.prepare()
         with self._lock:
             if name in self.hosts:
@@ -544,8 +576,8 @@ class Lab:
                 address = next(ip for ip in free if ip not in self._used_addresses())
             address = self._check_free_address(address)
             veth = f"v-{name}" if len(name) <= 13 else f"v-{uuid.uuid5(uuid.NAMESPACE_DNS, name).hex[:13]}"
-            host = Host(self, {"name": name, "address": address, "ssh_user": ssh_user,
-                               "image": str(self.image), "repo": str(self.repo),
+            host = Host(self, {"name": name, "address": address, "ssh_user": ssh_user, "suite": suite,
+                               "image": str(self.images[suite]), "repo": str(self.repos[suite]),
                                "netns": self.prefix + name, "veth": veth,
                                "cgroups": [str(root / (self.prefix + name)) for root in _cgroup_roots()]})
             # Record first, then create: a crash in between leaves nothing unrecorded.

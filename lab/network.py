@@ -20,10 +20,17 @@ from . import dstack
 from .cloud import Cloud
 from .engine import Result
 from .hosts import Host, Lab
+from .packages import DEFAULT_SUITE
 
 HERE = Path(__file__).resolve().parent
 STACK_FILE = HERE / "Pulumi.lab.yaml"
 PROJECT = "dstack-vpn"
+# The Debian release of the hosts standing in for `ssh` spokes, where not bookworm. The
+# program cannot choose an existing host's OS; the lab runs one on Debian 13 so that
+# every script, unit and ruleset runs on both releases that bracket Ubuntu 24.04 (the
+# hub is on Debian 13 too, through its image slug; see Pulumi.lab.yaml). node-c: the
+# spoke that logs in as a sudo user.
+SSH_SPOKE_SUITES = {"node-c": "trixie"}
 
 
 def stack_settings(stack_file: Path = STACK_FILE) -> dict[str, Any]:
@@ -56,7 +63,8 @@ class LabNetwork:
         if host is None:
             user = spoke.get("user", "root")
             host = self.lab.host(spoke["name"], spoke["host"], authorized_keys=[self.deploy_key()[1]],
-                                 ssh_user=None if user == "root" else user)
+                                 ssh_user=None if user == "root" else user,
+                                 suite=SSH_SPOKE_SUITES.get(spoke["name"], DEFAULT_SUITE))
         if not host.running:
             host.boot()
         return host

@@ -1,10 +1,14 @@
 """What the lab installs: machine packages, the hosts' base image, their apt repository.
 
 The base image stands in for a fresh Ubuntu droplet: systemd, sshd, python3
-and little else. WireGuard and nftables are deliberately absent, so that the
-program's own install step really runs; it gets them from a local flat apt
-repository that the hosts see read-only at REPO_MOUNT (the hosts have no
-network beyond the lab underlay).
+and little else. There is one per Debian suite: Debian 12 (bookworm) and 13
+(trixie) bracket Ubuntu 24.04 (systemd 252/257 around 255, nftables 1.0.6/1.1
+around 1.0.9, OpenSSH 9.2/10 around 9.6, Python 3.11/3.13 around 3.12), and
+Ubuntu's mirror is not reachable from the lab machines. WireGuard and nftables
+are deliberately absent, so that the program's own install step really runs;
+it gets them from a local flat apt
+repository per suite that the hosts see read-only at REPO_MOUNT (the hosts
+have no network beyond the lab underlay).
 
 Both the image and the repository are cached in a lab cache directory, keyed
 by a hash of their recipe; they are built in a temporary directory and renamed
@@ -23,7 +27,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SUITE = "bookworm"
+SUITES = ("bookworm", "trixie")
+DEFAULT_SUITE = "bookworm"
+# The suite that stands in for a droplet image slug: Debian 13 for "debian-13-*";
+# Debian 12 for everything else, Ubuntu's slugs included.
+IMAGE_SUITES = {"debian-13": "trixie"}
 # Bump when the way the image or the repository is built changes: it is part
 # of both cache keys, so the next run rebuilds them.
 RECIPE_VERSION = "lab-image-1"
@@ -42,6 +50,7 @@ BASE_PACKAGES = (
 # What the program's install step asks apt for inside the hosts.
 REPO_PACKAGES = ("wireguard-tools", "wireguard-go", "nftables")
 REPO_MOUNT = "/srv/lab-apt"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"  # from debian-archive-keyring
 
 _NONINTERACTIVE = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 _apt_updated = False
@@ -111,12 +120,20 @@ def ensure_machine_packages(packages=MACHINE_PACKAGES) -> list[str]:
     return missing
 
 
-def debian_mirror() -> str:
-    """The Debian mirror this machine's apt already uses for SUITE.
+def suite_for_image(slug: str | None) -> str:
+    """The lab suite a droplet image slug boots (see IMAGE_SUITES)."""
+    return next((suite for prefix, suite in IMAGE_SUITES.items() if (slug or "").startswith(prefix)),
+                DEFAULT_SUITE)
 
-    Read from deb822 .sources files or the one-line sources.list, never
-    written into code.
-    """
+
+def _check_suite(suite: str) -> str:
+    if suite not in SUITES:
+        raise ValueError(f"suite {suite!r}: the lab builds {', '.join(SUITES)}")
+    return suite
+
+
+def _machine_mirror(suite: str) -> str | None:
+    """The URI of this machine's 'deb' source for suite, if it lists one."""
     for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
         for stanza in Path(path).read_text().split("\n\n"):
             fields = {}
@@ -124,15 +141,31 @@ def debian_mirror() -> str:
                 if ":" in line and not line.startswith(("#", " ")):
                     key, _, value = line.partition(":")
                     fields[key.strip().lower()] = value.split()
-            if ("deb" in fields.get("types", []) and SUITE in fields.get("suites", [])
+            if ("deb" in fields.get("types", []) and suite in fields.get("suites", [])
                     and fields.get("enabled", ["yes"]) != ["no"] and fields.get("uris")):
                 return fields["uris"][0]
     with contextlib.suppress(FileNotFoundError):
         for line in Path("/etc/apt/sources.list").read_text().splitlines():
             words = re.sub(r"\[[^]]*\]", " ", line.split("#")[0]).split()  # drop [options]
-            if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
+            if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
                 return words[1]
-    raise RuntimeError(f"no 'deb' source for {SUITE} in this machine's apt sources")
+    return None
+
+
+def debian_mirror(suite: str = DEFAULT_SUITE) -> str:
+    """The Debian mirror for suite: the one this machine's apt uses for it, or,
+    for a suite it does not list (trixie on a bookworm machine), the mirror it
+    uses for another Debian suite (a Debian mirror serves every suite).
+
+    Read from deb822 .sources files or the one-line sources.list, never
+    written into code.
+    """
+    for candidate in (suite, *SUITES):
+        mirror = _machine_mirror(candidate)
+        if mirror:
+            return mirror
+    raise RuntimeError(f"no 'deb' source for {' or '.join(dict.fromkeys((suite, *SUITES)))} "
+                       "in this machine's apt sources")
 
 
 def _key(recipe: dict) -> str:
@@ -161,15 +194,18 @@ def _building(final: Path):
         remove_tree(tmp)
 
 
-def base_image(cache_dir: Path) -> Path:
-    """The read-only root file system every host overlays; built once per recipe.
+def base_image(cache_dir: Path, suite: str = DEFAULT_SUITE) -> Path:
+    """The read-only root file system every host of suite overlays; built once per recipe.
 
-    Returns <cache>/base-<suite>-<key>/rootfs.
+    debootstrap checks the suite's Release file against the machine's
+    debian-archive-keyring (bookworm's 2023.3+deb12u1 and later carry the
+    trixie keys). Returns <cache>/base-<suite>-<key>/rootfs.
     """
+    _check_suite(suite)
     arch = run(["dpkg", "--print-architecture"]).stdout.strip()
-    recipe = {"suite": SUITE, "variant": "minbase", "packages": sorted(BASE_PACKAGES),
+    recipe = {"suite": suite, "variant": "minbase", "packages": sorted(BASE_PACKAGES),
               "arch": arch, "version": RECIPE_VERSION}
-    final = cache_dir / f"base-{SUITE}-{_key(recipe)}"
+    final = cache_dir / f"base-{suite}-{_key(recipe)}"
     with _cache_lock(cache_dir):
         if final.is_dir():
             return final / "rootfs"
@@ -177,7 +213,7 @@ def base_image(cache_dir: Path) -> Path:
             root = tmp / "rootfs"
             with open(tmp / "debootstrap.log", "w") as log:
                 result = run(["debootstrap", "--variant=minbase", f"--arch={arch}",
-                              "--include=" + ",".join(BASE_PACKAGES), SUITE, root, debian_mirror()],
+                              "--include=" + ",".join(BASE_PACKAGES), suite, root, debian_mirror(suite)],
                              check=False, stdout=log, stderr=subprocess.STDOUT)
             if result.returncode != 0:
                 tail = (tmp / "debootstrap.log").read_text()[-3000:]
@@ -216,29 +252,38 @@ def _finish_image(root: Path) -> None:
             leftover.unlink()
 
 
-def local_repo(cache_dir: Path, image: Path, packages=REPO_PACKAGES) -> Path:
-    """A flat apt repository with packages and whatever they need beyond the image.
+def local_repo(cache_dir: Path, image: Path, packages=REPO_PACKAGES, suite: str = DEFAULT_SUITE) -> Path:
+    """A flat apt repository of suite with packages and whatever they need beyond the image.
 
     apt resolves the dependencies against the image's own dpkg status, so the
-    repository holds exactly what an install inside a host will ask for.
+    repository holds exactly what an install inside a host will ask for. A
+    suite this machine's apt lists (bookworm here) comes from the machine's
+    package lists; another (trixie) from the same mirror through package lists
+    of our own, so the machine's apt configuration and state stay untouched.
     Returns <cache>/apt-<key>/repo, to bind-mount at REPO_MOUNT.
     """
+    _check_suite(suite)
     recipe = {"image": image.parent.name, "packages": sorted(packages), "version": RECIPE_VERSION}
     final = cache_dir / f"apt-{_key(recipe)}"
     with _cache_lock(cache_dir):
         if final.is_dir():
             return final / "repo"
-        apt_update_once()  # the machine's package lists, for resolving
         with _building(final) as tmp:
             (tmp / "state").mkdir()
             (tmp / "archives/partial").mkdir(parents=True)
             shutil.copy(image / "var/lib/dpkg/status", tmp / "state/status")
+            options = ["-o", f"Dir::State::status={tmp}/state/status",
+                       "-o", f"Dir::Cache::archives={tmp}/archives",
+                       # keep the machine's own apt caches untouched
+                       "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
+                       "-o", "APT::Sandbox::User=root"]
+            if _machine_mirror(suite):
+                apt_update_once()  # the machine's package lists, for resolving
+            else:
+                options += _private_lists(tmp / "apt", debian_mirror(suite), suite)
+                run(["apt-get", "update", "-q", *options], env=_NONINTERACTIVE)
             run(["apt-get", "install", "--download-only", "-y", "-q", "--no-install-recommends",
-                 "-o", f"Dir::State::status={tmp}/state/status",
-                 "-o", f"Dir::Cache::archives={tmp}/archives",
-                 # keep the machine's own apt caches untouched
-                 "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
-                 "-o", "APT::Sandbox::User=root", *packages], env=_NONINTERACTIVE)
+                 *options, *packages], env=_NONINTERACTIVE)
             repo = tmp / "repo"
             repo.mkdir(mode=0o755)
             for deb in (tmp / "archives").glob("*.deb"):
@@ -247,7 +292,22 @@ def local_repo(cache_dir: Path, image: Path, packages=REPO_PACKAGES) -> Path:
             with open(repo / "Packages", "w") as index:
                 run(["dpkg-scanpackages", "--multiversion", ".", "/dev/null"],
                     cwd=repo, stdout=index, stderr=subprocess.DEVNULL)
-            remove_tree(tmp / "archives")
-            remove_tree(tmp / "state")
+            for scratch in ("archives", "state", "apt"):
+                remove_tree(tmp / scratch)
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return final / "repo"
+
+
+def _private_lists(apt_dir: Path, mirror: str, suite: str) -> list[str]:
+    """apt options for package lists of suite alone, kept in apt_dir: a sources
+    list of our own (checked with the machine's Debian keyring), no machine
+    sources, preferences or default release."""
+    (apt_dir / "lists/partial").mkdir(parents=True)
+    (apt_dir / "empty.d").mkdir()
+    (apt_dir / "sources.list").write_text(f"deb [signed-by={DEBIAN_KEYRING}] {mirror} {suite} main\n")
+    return ["-o", f"Dir::Etc::sourcelist={apt_dir}/sources.list",
+            "-o", f"Dir::Etc::sourceparts={apt_dir}/empty.d",
+            "-o", f"Dir::Etc::preferences={apt_dir}/preferences",
+            "-o", f"Dir::Etc::preferencesparts={apt_dir}/empty.d",
+            "-o", f"Dir::State::lists={apt_dir}/lists",
+            "-o", "APT::Default-Release=", "-o", "Acquire::Languages=none"]

@@ -48,8 +48,6 @@ def spokes(net, *extra, without=()):
     from lab.network import stack_settings
     out = [dict(s) for s in stack_settings()["spokes"] if s["name"] not in without]
     for spoke in out:
-        if spoke["kind"] == "droplet":
-            spoke["image"] = "ubuntu-24-04-x64"  # its own, not the hub's: a new hub image leaves it alone
         if spoke["name"] in net.rotations:
             spoke["keyRotation"] = net.rotations[spoke["name"]]
     return out + list(extra)

@@ -226,6 +226,57 @@ def test_another_process_sees_the_running_hosts(lab, hosts):
     assert status["b"]["address"] == "198.51.100.21" and status["b"]["ssh_user"] == "deploy"
 
 
+def _repo_version(host, package: str) -> str:
+    """The version of package in the apt repository the host sees (read on this machine)."""
+    for stanza in (host.repo / "Packages").read_text().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line)
+        if fields.get("Package") == package:
+            return fields["Version"]
+    raise AssertionError(f"{package} is not in {host.repo}")
+
+
+def test_each_suite_runs_its_release_and_installs_from_its_own_repository(lab, capsys):
+    """Debian 12 and 13 bracket Ubuntu 24.04: a host runs the release it was made with,
+    across a power cycle and as another process sees it, and apt installs that release's
+    packages from that release's local repository, offline. Leaves no host behind."""
+    releases = {"bookworm": "12", "trixie": "13"}
+    made = {suite: lab.host(f"s-{suite}", suite=suite) for suite in releases}
+    try:
+        for host in made.values():
+            host.boot()
+        for host in made.values():
+            host.wait_ssh(30)
+        made["trixie"].poweroff()  # the suite is the host's for life: the same image again
+        made["trixie"].start()
+        made["trixie"].wait_ssh(30)
+        code = f"from lab import Lab; print(Lab({str(lab.dir)!r}, {lab.name!r}).hosts['s-trixie'].suite)"
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() == "trixie"
+        installed = {}
+        for suite, host in made.items():
+            codename, version_id, debian_version = _ok(lab.ssh(
+                host, ". /etc/os-release; echo $VERSION_CODENAME $VERSION_ID; cat /etc/debian_version")).split()
+            assert (codename, version_id) == (suite, releases[suite])
+            assert debian_version.split(".")[0] == releases[suite], debian_version
+            assert "default" not in host.exec(["ip", "-o", "route"], capture_output=True, text=True).stdout
+            _ok(lab.ssh(host, "set -e; apt-get update -q; "
+                              "DEBIAN_FRONTEND=noninteractive apt-get install -y -q wireguard-tools nftables",
+                        timeout=300))
+            for package in ("wireguard-tools", "nftables"):
+                installed[suite, package] = _ok(lab.ssh(host, f"dpkg-query -W -f '${{Version}}' {package}"))
+                assert installed[suite, package] == _repo_version(host, package), (suite, package)
+            versions = _ok(lab.ssh(host, "systemctl --version | head -n 1; nft --version; ssh -V 2>&1; "
+                                         "python3 --version; wg --version"))
+            with capsys.disabled():
+                print(f"\n[lab] {suite}: " + "; ".join(versions.splitlines()))
+        # each from its own suite, not both from one
+        assert installed["bookworm", "nftables"] != installed["trixie", "nftables"], installed
+    finally:
+        for host in made.values():
+            host.destroy()
+    assert not {"s-bookworm", "s-trixie"} & set(lab.hosts)
+
+
 def _assert_nothing_left(lab: Lab, launcher_pids: list[int]) -> None:
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [n for n in netns.split() if n.startswith(lab.prefix)], netns
