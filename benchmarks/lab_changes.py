@@ -52,6 +52,9 @@ def measure(net: LabNetwork, change: str, act, own: str | None = None) -> dict:
 def main() -> None:
     net = LabNetwork(name="dvm", log=lambda *_: None)
     base = [dict(s) for s in stack_settings()["spokes"]]
+    for spoke in base:
+        if spoke["kind"] == "droplet":
+            spoke["size"] = "s-1vcpu-1gb"  # its own: resizing the hub leaves it (and the probe on it) alone
     rows = []
     try:
         net.lab.cleanup_stale()

@@ -30,28 +30,33 @@ SPOKE_KINDS = ("ssh", "droplet", "dstack")
 # First spoke address is .11 (hub .1), as in the spec's example plan.
 FIRST_SPOKE_HOST = 11
 
+# Every pattern is used with fullmatch (re.match with `$` would take "wg0\n": `$` matches
+# before a trailing newline, and nft would then read "wg0\n" as another interface).
 # A name becomes part of resource names, droplet hostnames and file names.
-NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+NAME_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?")
 # Linux interface names: at most 15 bytes, no slash or whitespace.
-INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,15}$")
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-SSH_PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( \S.*)?$")
+INTERFACE_RE = re.compile(r"[A-Za-z0-9_.=+-]{1,15}")
+SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# A public key line: type, base64 blob, an optional comment of printable ASCII.
+SSH_PUBLIC_KEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}( [ -~]*)?")
 # Host key types the program's SSH client can check against OpenSSH 8.8+ (see _host_key).
 HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 # A container image reference: [registry[:port]/]path[:tag][@sha256:digest].
-IMAGE_RE = re.compile(r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
-                      r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+IMAGE_RE = re.compile(r"(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+                      r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?")
 # Phala Cloud's CVM names (its CLI's rule) and its slugs (instance types, regions, OS images).
-PHALA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{4,62}$")
-PHALA_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+PHALA_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{4,62}")
+PHALA_SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 DEFAULT_CONTAINER_IMAGE = "debian:bookworm-slim"
 
 TOP_LEVEL_KEYS = {
     "overlayCidr", "listenPort", "interface", "statusPort",
     "hubRegion", "hubSize", "hubImage", "adminCidrs", "adminSshKeys",
-    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey", "digitaloceanSshKey",
+    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey", "digitaloceanSshKey", "statusCidrs",
 }
+# Who may read a spoke's status page over the underlay, unless statusCidrs says otherwise.
+STATUS_CIDRS_DEFAULT = ["0.0.0.0/0", "::/0"]
 SPOKE_KEYS = {
     "name", "kind", "address", "host", "port", "user", "hostKey",
     "allowUnknownHostKey", "presharedKey", "keyRotation", "region", "size", "image",
@@ -121,6 +126,8 @@ class NetworkConfig:
     spokes: tuple[SpokeConfig, ...]
     ssh_private_key: str | None = field(default=None, repr=False)
     phala_api_key: str | None = field(default=None, repr=False)
+    status_cidrs: tuple[str, ...] = tuple(STATUS_CIDRS_DEFAULT)
+    """Who may read the status pages over the underlay (the overlay's spokes always may)."""
     digitalocean_ssh_key: str | None = None
     """The deploy key as it is already on the DigitalOcean account (id or fingerprint); None: uploaded."""
 
@@ -148,7 +155,7 @@ def _want(setting: str, value: Any, kind: type | tuple, what: str) -> Any:
 
 
 def _port(setting: str, value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value):  # not str.isdigit: it takes "２２"
         value = int(value)
     _want(setting, value, int, "a port number 1-65535")
     if not 1 <= value <= 65535:
@@ -158,7 +165,7 @@ def _port(setting: str, value: Any) -> int:
 
 def _name(setting: str, value: Any) -> str:
     _want(setting, value, str, "a name")
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ConfigError(
             f"{setting}: {value!r} cannot be used in resource names and hostnames; "
             "use 1-32 lowercase letters, digits and '-', starting with a letter, not ending with '-'")
@@ -205,7 +212,8 @@ def _host_key(setting: str, value: Any) -> str:
             f"{setting}: an ssh-rsa host key cannot be used: the program's SSH client (pulumi-command) then offers "
             "only SHA-1 RSA signatures, which OpenSSH 8.8 and later refuse; give the host's ed25519 (or ECDSA) key "
             "instead: `ssh-keyscan -t ed25519 HOST` (or read /etc/ssh/ssh_host_ed25519_key.pub on the host)")
-    if len(parts) < 2 or parts[0] not in HOST_KEY_TYPES or not _blob_of_type(parts[1], parts[0]):
+    if (len(parts) < 2 or parts[0] not in HOST_KEY_TYPES or not _blob_of_type(parts[1], parts[0])
+            or not SSH_PUBLIC_KEY_RE.fullmatch(value.strip())):
         raise ConfigError(f"{setting}: not an SSH host public key; want 'ssh-ed25519 AAAA...' or "
                           "'ecdsa-sha2-nistp256 AAAA...' as `ssh-keyscan -t ed25519 HOST` prints it (without the host)")
     return value.strip()
@@ -278,7 +286,7 @@ def _ssh_public_keys(setting: str, value: Any) -> tuple[str, ...]:
     _want(setting, value, list, "a list of SSH public keys")
     for i, item in enumerate(value):
         _want(f"{setting}[{i}]", item, str, "an SSH public key")
-        if not SSH_PUBLIC_KEY_RE.match(item.strip()):
+        if not SSH_PUBLIC_KEY_RE.fullmatch(item.strip()):
             raise ConfigError(f"{setting}[{i}]: not an SSH public key ('ssh-ed25519 AAAA...')")
     return tuple(v.strip() for v in value)
 
@@ -292,7 +300,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
         raise ConfigError(f"listenPort: {DSTACK_WG_PORT} is dstack's own WireGuard port; choose another (51820)")
     status_port = _port("statusPort", _decode("statusPort", raw.get("statusPort"), 8000))
     interface = raw.get("interface", "wg0")
-    if not INTERFACE_RE.match(interface) or interface == DSTACK_INTERFACE:
+    if not isinstance(interface, str) or not INTERFACE_RE.fullmatch(interface) or interface == DSTACK_INTERFACE:
         raise ConfigError(
             f"interface: {interface!r} is not usable; 1-15 letters, digits or _.=+- and not {DSTACK_INTERFACE}")
 
@@ -300,7 +308,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     hub_size = _decode("hubSize", raw.get("hubSize"), "s-1vcpu-1gb")
     hub_image = _decode("hubImage", raw.get("hubImage"), "ubuntu-24-04-x64")
     for setting, slug in (("hubRegion", hub_region), ("hubSize", hub_size), ("hubImage", hub_image)):
-        if not isinstance(slug, str) or not SLUG_RE.match(slug):
+        if not isinstance(slug, str) or not SLUG_RE.fullmatch(slug):
             raise ConfigError(f"{setting}: {slug!r} is not a DigitalOcean slug (lowercase letters, digits, '-')")
 
     if "adminCidrs" not in raw:
@@ -309,6 +317,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     if not admin_cidrs:
         raise ConfigError("adminCidrs: empty; at least the address this program deploys from is needed")
     admin_keys = _ssh_public_keys("adminSshKeys", _decode("adminSshKeys", raw.get("adminSshKeys"), []))
+    status_cidrs = _cidrs("statusCidrs", _decode("statusCidrs", raw.get("statusCidrs"), STATUS_CIDRS_DEFAULT))
 
     deploy_key = raw.get("sshPrivateKey")
     if deploy_key is not None:
@@ -342,12 +351,15 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
         return None if value is None else wireguard_key(f"nodeSecrets.{node}.wireguardPrivateKey", value)
 
     phala_api_key = raw.get("phalaApiKey")
-    if phala_api_key is not None and (not isinstance(phala_api_key, str) or not phala_api_key.strip()
-                                      or any(c.isspace() for c in phala_api_key.strip())):
+    if phala_api_key is not None and (not isinstance(phala_api_key, str)
+                                      or not re.fullmatch(r"[!-~]+", phala_api_key.strip())):
         raise ConfigError("phalaApiKey: not a Phala Cloud API key (one word, as the dashboard shows it)")
 
     spokes = _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned,
                      defaults={"region": hub_region, "size": hub_size, "image": hub_image})
+    _check_ports(status_port, listen_port, spokes)
+    _check_admin_cidrs(admin_cidrs, overlay)
+    _check_pinned_keys({HUB_NAME: pinned(HUB_NAME), **{s.name: s.wireguard_private_key for s in spokes}})
     deployed = [s.name for s in spokes if s.phala is not None]
     if deployed and phala_api_key is None:
         raise ConfigError(
@@ -360,7 +372,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
         ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip(),
-        digitalocean_ssh_key=do_key)
+        digitalocean_ssh_key=do_key, status_cidrs=status_cidrs)
 
 
 def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:
@@ -427,7 +439,7 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
                     raise ConfigError(f"spokes[{i}].{key}: only for kind 'ssh'; a droplet's connection is made by the program")
             for key in ("region", "size", "image"):
                 slug = item.get(key, defaults[key])
-                if not isinstance(slug, str) or not SLUG_RE.match(slug):
+                if not isinstance(slug, str) or not SLUG_RE.fullmatch(slug):
                     raise ConfigError(f"spokes[{i}].{key}: {slug!r} is not a DigitalOcean slug")
                 values[key] = slug
         out.append(SpokeConfig(**values))
@@ -441,12 +453,13 @@ def _ssh_spoke(i: int, item: Mapping[str, Any], key: str | None) -> dict[str, An
     host = item.get("host")
     if not isinstance(host, str) or not host.strip():
         raise ConfigError(f"spokes[{i}].host: required for kind 'ssh' (the address or name to SSH to)")
+    host = _hostname_or_address(f"spokes[{i}].host", host.strip())
     if key is None:
         raise ConfigError(
             f"spokes[{i}]: an 'ssh' spoke needs an SSH private key: set nodeSecrets.{item['name']}.sshPrivateKey "
             "or sshPrivateKey (pulumi config set --secret ...)")
     user = item.get("user", "root")
-    if not isinstance(user, str) or not USER_RE.match(user):
+    if not isinstance(user, str) or not USER_RE.fullmatch(user):
         raise ConfigError(f"spokes[{i}].user: {user!r} is not a valid user name")
     host_key = item.get("hostKey")
     allow_unknown = _want(f"spokes[{i}].allowUnknownHostKey", item.get("allowUnknownHostKey", False),
@@ -457,8 +470,53 @@ def _ssh_spoke(i: int, item: Mapping[str, Any], key: str | None) -> dict[str, An
             "to connect without checking it, set allowUnknownHostKey: true")
     if host_key is not None:
         host_key = _host_key(f"spokes[{i}].hostKey", host_key)
-    return dict(host=host.strip(), port=_port(f"spokes[{i}].port", item.get("port", 22)), user=user,
+    return dict(host=host, port=_port(f"spokes[{i}].port", item.get("port", 22)), user=user,
                 host_key=host_key, allow_unknown_host_key=allow_unknown)
+
+
+def _check_ports(status_port: int, listen_port: int, spokes) -> None:
+    """The status port is open to everyone (spoke ruleset, cloud firewall): on an SSH port it would
+    open SSH to the whole Internet."""
+    ssh_ports = {22: "SSH on droplets"} | {s.port: f"SSH on {s.name}" for s in spokes if s.kind == "ssh"}
+    if status_port in ssh_ports:
+        raise ConfigError(f"statusPort: {status_port} is {ssh_ports[status_port]}; the status port is opened to "
+                          "everyone, so it must not be an SSH port (default 8000)")
+    if status_port == listen_port:
+        raise ConfigError(f"statusPort: {status_port} is the WireGuard port (listenPort); choose another (8000)")
+
+
+def _check_admin_cidrs(admin_cidrs: tuple[str, ...], overlay: ipaddress.IPv4Network) -> None:
+    """SSH is open to adminCidrs on every node: an overlay range there opens sshd to every spoke."""
+    for i, cidr in enumerate(admin_cidrs):
+        net = ipaddress.ip_network(cidr)
+        if net.version == overlay.version and net.overlaps(overlay):
+            raise ConfigError(f"adminCidrs[{i}]: {cidr} overlaps the overlay {overlay}, which would open SSH on every "
+                              "node to the spokes; list the addresses you run `pulumi up` and SSH from instead")
+
+
+def _check_pinned_keys(pinned: Mapping[str, str | None]) -> None:
+    """Two nodes with one key: the hub would route both addresses to whichever peer came last."""
+    seen: dict[str, str] = {}
+    for node, key in pinned.items():
+        if key is None:
+            continue
+        if key in seen:
+            raise ConfigError(f"nodeSecrets.{node}.wireguardPrivateKey: the same key as nodeSecrets.{seen[key]}"
+                              ".wireguardPrivateKey; every node needs a key of its own")
+        seen[key] = node
+
+
+def _hostname_or_address(setting: str, value: str) -> str:
+    """An IP address, or a DNS name (RFC 1123 labels): nothing a shell or ssh could read as more."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if len(value) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*\.?", value) and not value.replace(".", "").isdigit():
+        return value
+    raise ConfigError(f"{setting}: {value!r} is neither an IP address nor a host name "
+                      "(letters, digits, '-' and '.', e.g. db1.example.com or 198.51.100.21)")
 
 
 def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -467,7 +525,7 @@ def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"spokes[{i}].{other}: not for kind 'dstack'; the node runs the rendered app "
                               "(spokes[].phala holds where Phala Cloud runs it)")
     image = item.get("containerImage", DEFAULT_CONTAINER_IMAGE)
-    if not isinstance(image, str) or not IMAGE_RE.match(image):
+    if not isinstance(image, str) or not IMAGE_RE.fullmatch(image):
         raise ConfigError(f"spokes[{i}].containerImage: {image!r} is not an image reference "
                           "(e.g. debian:bookworm-slim, or pinned: debian:bookworm-slim@sha256:...)")
     phala = item.get("phala")
@@ -477,13 +535,13 @@ def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:
     _want(setting, phala, dict, "an object (name, instanceType, region, diskSize, osImage)")
     _unknown(setting, phala, PHALA_KEYS)
     name = phala.get("name", f"dstack-vpn-{item['name']}")
-    if not isinstance(name, str) or not PHALA_NAME_RE.match(name):
+    if not isinstance(name, str) or not PHALA_NAME_RE.fullmatch(name):
         raise ConfigError(f"{setting}.name: {name!r} is not a Phala Cloud CVM name "
                           "(5-63 letters, digits and '-', starting with a letter)")
     slugs = {}
     for key in ("instanceType", "region", "osImage"):
         value = phala.get(key)
-        if value is not None and (not isinstance(value, str) or not PHALA_SLUG_RE.match(value)):
+        if value is not None and (not isinstance(value, str) or not PHALA_SLUG_RE.fullmatch(value)):
             raise ConfigError(f"{setting}.{key}: {value!r} is not a Phala Cloud slug (e.g. tdx.small, dstack-0.5.8)")
         slugs[key] = value
     disk = phala.get("diskSize")

@@ -50,11 +50,10 @@ class DstackSpoke(pulumi.ComponentResource):
                 update=render.phala_script("deploy", **values),
                 delete=render.phala_script("delete", **values),
                 interpreter=["/bin/bash", "-c"],
-                environment={
-                    "PHALA_CLOUD_API_KEY": pulumi.Output.secret(cfg.phala_api_key),
-                    "DSTACK_VPN_COMPOSE": self.compose,
-                    "DSTACK_VPN_ENV": self.env,
-                },
+                # the compose (public) in the environment; the secrets on stdin: not in any
+                # process's environment but the CLI's own, which gets the API key alone
+                environment={"DSTACK_VPN_COMPOSE": self.compose},
+                stdin=pulumi.Output.secret(self.env.apply(lambda env: f"{cfg.phala_api_key}\n{env}")),
                 # a new name is a new CVM; two CVMs with one key must never dial in at once
                 triggers=[spoke.phala.name],
                 add_previous_output_in_env=True,

@@ -50,9 +50,11 @@ class Hub(pulumi.ComponentResource):
                                     listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen))
         steps = [
             Step("install", {}),
-            Step("forwarding", {"sysctl_path": plan.SYSCTL_PATH}, render.render("sysctl/forwarding.conf")),
             Step("firewall", {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
                  render.render("nftables/hub.nft", **plan.hub_firewall(cfg))),
+            # Forwarding after the ruleset: at deploy time (this order) and at boot (a drop-in of
+            # the firewall unit), so the hub never routes without its firewall.
+            Step("forwarding", plan.forwarding_values(), render.render("systemd/dstack-vpn-firewall-forwarding.conf")),
             # The peer step: the only hub step a new spoke changes.
             Step("wireguard", plan.interface_values(cfg, cfg.hub.address),
                  pulumi.Output.secret(wg_conf), secret=True),

@@ -8,7 +8,9 @@ from .config import NetworkConfig, SpokeConfig
 
 RULES_DIR = "/etc/dstack-vpn"
 RULES_PATH = RULES_DIR + "/firewall.nft"
+# Where forwarding was switched on before it moved behind the firewall unit (removed if found).
 SYSCTL_PATH = "/etc/sysctl.d/90-dstack-vpn.conf"
+FIREWALL_DROPIN_DIR = "/etc/systemd/system/dstack-vpn-firewall.service.d"
 STATUS_DIR = "/usr/local/lib/dstack-vpn"
 # dstack spokes: a tmpfs of the container, where the keys and the rendered files live.
 DSTACK_KEY_DIR = "/run/dstack-vpn"
@@ -27,13 +29,23 @@ def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
 
 def hub_firewall(cfg: NetworkConfig) -> dict:
     v4, v6 = split_cidrs(cfg.admin_cidrs)
-    return dict(admin_v4=v4, admin_v6=v6, ssh_port=22, listen_port=cfg.listen_port, interface=cfg.interface)
+    return dict(admin_v4=v4, admin_v6=v6, ssh_port=22, listen_port=cfg.listen_port, interface=cfg.interface,
+                block_metadata=True)
 
 
 def spoke_firewall(cfg: NetworkConfig, spoke: SpokeConfig) -> dict:
+    """block_metadata: on a droplet, only root may ask DigitalOcean's metadata service, which
+    serves the user data (the droplet's SSH host private key) to any local process."""
     v4, v6 = split_cidrs(cfg.admin_cidrs)
+    status_v4, status_v6 = split_cidrs(cfg.status_cidrs)
     return dict(admin_v4=v4, admin_v6=v6, ssh_port=spoke.port, status_port=cfg.status_port,
-                interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay)
+                status_v4=status_v4, status_v6=status_v6,
+                interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay,
+                block_metadata=spoke.kind == "droplet")
+
+
+def forwarding_values() -> dict:
+    return dict(sysctl_path=SYSCTL_PATH, dropin_dir=FIREWALL_DROPIN_DIR)
 
 
 def hub_peers(peers: Sequence[Mapping[str, str | None]]) -> list[dict]:
@@ -53,8 +65,8 @@ def cloud_firewall_inbound(cfg: NetworkConfig, role: str) -> list[dict]:
     rules = [dict(protocol="tcp", port_range="22", source_addresses=list(cfg.admin_cidrs))]
     if role == "hub":
         rules.append(dict(protocol="udp", port_range=str(cfg.listen_port), source_addresses=anywhere))
-    else:
-        rules.append(dict(protocol="tcp", port_range=str(cfg.status_port), source_addresses=anywhere))
+    elif cfg.status_cidrs:  # DigitalOcean takes no rule without a source
+        rules.append(dict(protocol="tcp", port_range=str(cfg.status_port), source_addresses=list(cfg.status_cidrs)))
     return rules
 
 

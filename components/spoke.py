@@ -47,7 +47,10 @@ class Spoke(pulumi.ComponentResource):
             if spoke.host_key is None:
                 pulumi.log.warn(
                     f"spoke {spoke.name}: allowUnknownHostKey is set, so {spoke.host} is not checked "
-                    "against a known host key; set spokes[].hostKey to close this gap", resource=self)
+                    "against a known host key: whoever answers at that address gets the deploy key's login and "
+                    "the node's WireGuard private and preshared keys, which are sent over that unchecked "
+                    "connection; set spokes[].hostKey (ssh-keyscan -t ed25519 HOST) to close this gap",
+                    resource=self)
             host = Host(name, remote.ConnectionArgs(
                 host=spoke.host, port=spoke.port, user=spoke.user, private_key=deploy_key,
                 host_key=spoke.host_key), spoke.user)

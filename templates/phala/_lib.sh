@@ -1,26 +1,35 @@
 # dstack-vpn: {{ node }} on Phala Cloud, through Phala's own CLI (`phala`, npm).
-# Run by a local command resource of the program. Secrets come in the environment only
-# (PHALA_CLOUD_API_KEY, which the CLI reads; DSTACK_VPN_ENV, the app's environment),
-# never in an argument; the app's files go to a private folder that is removed after.
+# Run by a local command resource of the program. Its secrets come on stdin (the API key,
+# then the app's environment file), never in an argument or this shell's environment; the
+# CLI runs with an environment of its own (an allow-list: no cloud token, no Pulumi
+# passphrase) and the app's files go to a private folder that is removed after.
 set -euo pipefail
 umask 077
 say() { printf 'dstack-vpn phala %s: %s\n' {{ node | shquote }} "$*" >&2; }
 fail() { say "$*"; exit 1; }
 command -v phala >/dev/null 2>&1 || fail "the Phala Cloud CLI is not on PATH (npm install -g phala@{{ phala_cli_version }})"
-# The API key this resource stored when it last ran comes in PHALA_CLOUD_API_KEY (a delete runs
-# with it, even after the key was rotated at Phala); the operator's current key, exported as
+IFS= read -r api_key || true
+# shellcheck disable=SC2034 # deploy.sh writes it out
+app_env=$(cat)
+# The key stored with this resource (a delete runs with the one it had when it last ran,
+# even after a rotation at Phala); the operator's current key, exported as
 # DSTACK_VPN_PHALA_API_KEY where `pulumi` runs, wins over it.
-if [ -n "${DSTACK_VPN_PHALA_API_KEY:-}" ]; then
-	PHALA_CLOUD_API_KEY=$DSTACK_VPN_PHALA_API_KEY
-	export PHALA_CLOUD_API_KEY
-fi
+api_key=${DSTACK_VPN_PHALA_API_KEY:-$api_key}
 unset DSTACK_VPN_PHALA_API_KEY
-[ -n "${PHALA_CLOUD_API_KEY:-}" ] || fail "PHALA_CLOUD_API_KEY is empty (set phalaApiKey)"
-export CI=1 PHALA_DISABLE_UPDATE_CHECK=1
-# The app's files, out of the environment: the CLI's process gets only the key it needs.
-# shellcheck disable=SC2034 # deploy.sh writes them out
-app_compose=${DSTACK_VPN_COMPOSE:-} app_env=${DSTACK_VPN_ENV:-}
-unset DSTACK_VPN_COMPOSE DSTACK_VPN_ENV
+[ -n "$api_key" ] || fail "the Phala Cloud API key is empty (set phalaApiKey)"
+# shellcheck disable=SC2034 # deploy.sh writes it out
+app_compose=${DSTACK_VPN_COMPOSE:-}
+unset DSTACK_VPN_COMPOSE
+# phala ARGS...: the CLI, in a subshell whose environment holds only an allow-list and the
+# API key (exported there, never an argument: `env KEY=...` would show it in a command line).
+phala() (
+	allowed=" PATH HOME TMPDIR LANG TZ HTTPS_PROXY HTTP_PROXY NO_PROXY https_proxy http_proxy no_proxy NODE_EXTRA_CA_CERTS SSL_CERT_FILE SSL_CERT_DIR "
+	while IFS= read -r name; do
+		case $allowed in *" $name "*) ;; *) unset "$name" 2>/dev/null || true ;; esac
+	done < <(compgen -e)
+	export CI=1 PHALA_DISABLE_UPDATE_CHECK=1 PHALA_CLOUD_API_KEY="$api_key"
+	exec phala "$@"
+)
 # The CVM this resource made, from its last output (cvm_id=...).
 previous_id=$(printf '%s\n' "${PULUMI_COMMAND_STDOUT:-}" | sed -n 's/^cvm_id=//p' | tail -n 1)
 work=$(mktemp -d)

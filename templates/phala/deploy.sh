@@ -1,7 +1,7 @@
 {% include "phala/_lib.sh" %}
-if [ -z "$app_compose" ] || [ -z "$app_env" ]; then fail "DSTACK_VPN_COMPOSE or DSTACK_VPN_ENV is empty"; fi
+if [ -z "$app_compose" ] || [ -z "$app_env" ]; then fail "the app's compose (DSTACK_VPN_COMPOSE) or environment (stdin) is empty"; fi
 printf '%s' "$app_compose" >docker-compose.yml
-printf '%s' "$app_env" >app.env
+printf '%s\n' "$app_env" >app.env
 # The app's compose (its public half; a new key changes it too): unchanged means nothing to deploy,
 # e.g. when only the stored API key or these scripts changed.
 digest=$(printf '%s' "$app_compose" | sha256sum | cut -d' ' -f1)

@@ -30,11 +30,43 @@ def net():
     try:
         network.lab.cleanup_stale()
         t0 = time.monotonic()
-        network.first_up = network.up()
+        with CommandLines() as lines:  # every process's arguments while the steps run
+            network.first_up = network.up()
         network.first_up_seconds = time.monotonic() - t0
+        network.command_lines = lines.seen
         yield network
     finally:
         network.down()
+
+
+class CommandLines:
+    """Samples every process's command line on this machine (the lab's hosts' processes and the
+    lab's own SSH clients alike) every few milliseconds, as a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.seen = interval, set()
+
+    def _sample(self):
+        while not self.stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        self.seen.add((entry / "cmdline").read_bytes())
+                    except OSError:
+                        pass
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        import threading
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+        return False
 
 
 def ssh(net, node, command, **kw):
@@ -285,3 +317,73 @@ def test_status_page_of_every_spoke_over_the_overlay_and_the_underlay(net):
                                f".read().decode());print(u.urlopen('http://{hosts[node].address}:8000/metrics')"
                                f".read().decode())"], capture_output=True, text=True, timeout=30).stdout
         assert text and not [name for name, s in secrets.items() if s in text]
+
+
+def test_no_secret_in_any_command_line_while_the_steps_ran(net):
+    """Sampled during the first `up`, not only afterwards: a key in a step's command text would
+    reach `bash -c` arguments on the host (and sudo's journal line) for a moment."""
+    secrets = secret_values(net)
+    for record in net.engine.state.records.values():  # the droplets' SSH host keys too
+        if record.type == "pulumi-python:dynamic:Resource" and record.outputs.get("kind") == "ssh-ed25519":
+            for i, line in enumerate(record.outputs["private_key"].strip().splitlines()[2:-1]):
+                secrets[f"{record.urn.split('::')[-1]}-{i}"] = line
+    lines = net.command_lines
+    steps = [line for line in lines if b"dstack-vpn" in line and b"ssh" in line]
+    assert len(lines) > 100 and len(steps) >= 16, (len(lines), len(steps))  # every remote step was seen
+    leaks = sorted({name for name, value in secrets.items() for line in lines if value.encode() in line})
+    assert leaks == [], leaks
+
+
+def _rule_handle(net, node, chain, rule):
+    listing = ssh(net, node, f"nft -a list chain inet dstack_vpn {chain}").stdout
+    (line,) = [ln for ln in listing.splitlines() if ln.strip().startswith(rule)]
+    return line.rsplit("# handle ", 1)[1].strip()
+
+
+@pytest.mark.parametrize("lifted", ["spoke drops the hub", "hub drops its own"])
+def test_each_layer_alone_keeps_the_hub_from_opening_connections(net, lifted):
+    """The hub never originates: its own output rule and every spoke's input rule each hold it
+    alone. The other layer is lifted for the probe and the ruleset reloaded after."""
+    nodes = net.nodes()
+    node, chain, rule = (("node-b", "input", f'iifname "wg0" ip saddr {nodes["hub"]["address"]} drop')
+                         if lifted == "spoke drops the hub" else ("hub", "output", 'oifname "wg0" drop'))
+    # the layer under test stays; the other one goes for the duration of the probe
+    other = ("hub", "output", 'oifname "wg0" drop') if node == "node-b" else \
+        ("node-b", "input", f'iifname "wg0" ip saddr {nodes["hub"]["address"]} drop')
+    listen(net, "node-b", 9000)
+    try:
+        ssh(net, other[0], f"nft delete rule inet dstack_vpn {other[1]} handle {_rule_handle(net, *other)}")
+        for proto in ("icmp", "tcp", "udp"):
+            assert not overlay_connects(net, "hub", nodes["node-b"]["address"], 9000, proto), (lifted, proto)
+        # the probe can tell: with both layers gone, the hub does reach node-b
+        ssh(net, node, f"nft delete rule inet dstack_vpn {chain} handle {_rule_handle(net, node, chain, rule)}")
+        assert overlay_connects(net, "hub", nodes["node-b"]["address"], 9000, "tcp")
+    finally:
+        unlisten(net, "node-b", 9000)
+        for host in ("hub", "node-b"):
+            assert ssh(net, host, "nft -f /etc/dstack-vpn/firewall.nft").returncode == 0
+    assert not overlay_connects(net, "hub", nodes["node-b"]["address"], 8000, "tcp")
+
+
+METADATA = "169.254.169.254"
+METADATA_SERVER = f"""
+ip addr add {METADATA}/32 dev lo 2>/dev/null || true
+nohup python3 -m http.server --bind {METADATA} 80 >/dev/null 2>&1 </dev/null & echo $! >/run/lab-metadata.pid
+for _ in $(seq 50); do ss -ltnH 'sport = :80' | grep -q . && break; sleep 0.1; done
+"""
+ASK = (f"python3 -c \"import socket; s=socket.create_connection(('{METADATA}', 80), timeout=2); "
+       f"s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(12))\"")
+
+
+@pytest.mark.parametrize("node,blocked", [("hub", True), ("node-a", True), ("node-b", False)])
+def test_only_root_reaches_the_metadata_service_on_droplets(net, node, blocked):
+    """DigitalOcean serves the user data (the droplet's SSH host private key) at 169.254.169.254 to
+    any local process; on droplets our ruleset lets only root ask. A stand-in server answers there."""
+    ssh(net, node, METADATA_SERVER)
+    try:
+        assert ssh(net, node, ASK).returncode == 0  # root
+        as_nobody = ssh(net, node, f"setpriv --reuid=65534 --regid=65534 --clear-groups {ASK}")
+        assert (as_nobody.returncode != 0) == blocked, (node, as_nobody.stdout, as_nobody.stderr)
+    finally:
+        ssh(net, node, f"kill $(cat /run/lab-metadata.pid); rm -f /run/lab-metadata.pid; "
+                       f"ip addr del {METADATA}/32 dev lo")

@@ -20,8 +20,11 @@ from lab.probe import Probe
 
 LAB = "dvr"
 # The last landed commit. An `up` with this code over a network it deployed may change only what
-# the commits since say they change (git log UPGRADE_FROM..): the droplets' resize_disk (in place,
-# no API action) and, once, each droplet step (its undo went: the script runs again, idempotent).
+# the commits since say they change (git log UPGRADE_FROM..), all in place: the droplets'
+# resize_disk (no API action); each droplet step once (its undo went: the script runs again,
+# idempotent); every firewall (the hub's sticky table, DHCP on the underlay only, the metadata
+# service root-only on droplets); the hub's forwarding (after the ruleset); every spoke's
+# wireguard step (the nudge unit may reach only the hub's overlay address).
 UPGRADE_FROM = "f14878d4d9502bcdd92bf3439fb85a3c6280b0ab"
 # The network of this module runs its hub on Debian 12: the old code predates the Debian 13 hub
 # (whose wireguard-go needs the table dstack_vpn_sticky that this version adds; hub.nft).
@@ -29,7 +32,8 @@ HUB_IMAGE = "debian-12-x64"
 UPGRADE_CHANGES = sorted(
     [("update", "hub"), ("update", "node-a")] +
     [("update", f"hub-{s}") for s in ("install", "forwarding", "firewall", "wireguard")] +
-    [("update", f"node-a-{s}") for s in ("install", "firewall", "wireguard", "status")])
+    [("update", f"node-a-{s}") for s in ("install", "firewall", "wireguard", "status")] +
+    [("update", f"{n}-{s}") for n in ("node-b", "node-c") for s in ("firewall", "wireguard")])
 
 OLD_UP = """
 import sys
@@ -187,6 +191,33 @@ def test_a_resize_is_a_power_cycle_and_can_be_undone(net):
         assert converged(net, 90), f"not reachable after the resize to {size}"
         print(f"resize to {size}: up {up_seconds:.1f} s, every spoke reaches every other "
               f"{time.monotonic() - t0:.1f} s after it began")
+
+
+def test_forwarding_waits_for_the_ruleset_at_boot(net):
+    """A hub whose ruleset does not load at boot does not route: forwarding is switched on after
+    the ruleset loaded (a post-step of the firewall unit), never by a sysctl.d file, which early
+    boot applies before any ruleset. (The hub was deployed by the old code, which had one.)"""
+    hub = net.node_hosts()["hub"]
+
+    def sh(command):
+        return net.lab.ssh(hub, command, timeout=30).stdout.strip()
+    assert sh("sysctl -n net.ipv4.ip_forward") == "1"
+    assert sh("grep -rlsE '^[[:space:]]*net[./]ipv4[./]ip_forward[[:space:]]*=[[:space:]]*1' "
+              "/etc/sysctl.d /etc/sysctl.conf /run/sysctl.d /usr/lib/sysctl.d || true") == ""
+    sh("cp /etc/dstack-vpn/firewall.nft /root/firewall.nft.good; echo 'not a ruleset' >/etc/dstack-vpn/firewall.nft")
+    # A lab host's reboot keeps its network namespace, and with it the kernel's tables and
+    # sysctls; a real machine boots with none of them. Start from that.
+    sh("nft delete table inet dstack_vpn; nft delete table inet dstack_vpn_sticky; sysctl -q -w net.ipv4.ip_forward=0")
+    try:
+        hub.reboot(timeout=90)
+        assert sh("sysctl -n net.ipv4.ip_forward") == "0"
+        assert sh("systemctl is-failed dstack-vpn-firewall.service || true") == "failed"
+        time.sleep(3)
+        assert not any(net.reachability().values()), "the hub routed without its ruleset"
+    finally:
+        sh("mv /root/firewall.nft.good /etc/dstack-vpn/firewall.nft; systemctl restart dstack-vpn-firewall.service")
+    assert sh("sysctl -n net.ipv4.ip_forward") == "1"
+    assert converged(net, 90)
 
 
 def test_a_hub_deleted_in_the_console_is_made_again_by_up(net):

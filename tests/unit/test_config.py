@@ -1,5 +1,6 @@
 """Every config rule: a bad case refused with a message naming the setting, and a good case."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -170,9 +171,18 @@ def test_pinned_key_not_valid(key):
 
 
 def test_pinned_key_good():
-    cfg = config.parse(base(nodeSecrets={"node-b": {"wireguardPrivateKey": WG_KEY}, "hub": {"wireguardPrivateKey": WG_KEY}}))
-    assert cfg.spokes[1].wireguard_private_key == WG_KEY and cfg.hub.wireguard_private_key == WG_KEY
+    hub_key = wireguard_private_key()
+    cfg = config.parse(base(nodeSecrets={"node-b": {"wireguardPrivateKey": WG_KEY}, "hub": {"wireguardPrivateKey": hub_key}}))
+    assert cfg.spokes[1].wireguard_private_key == WG_KEY and cfg.hub.wireguard_private_key == hub_key
     assert WG_KEY not in repr(cfg)
+
+
+def test_one_pinned_key_on_two_nodes_is_refused_without_quoting_it():
+    """The hub would route both addresses to whichever peer it set last."""
+    message = refused(base(nodeSecrets={"node-b": {"wireguardPrivateKey": WG_KEY},
+                                        "node-c": {"wireguardPrivateKey": " " + WG_KEY + "\n"}}),
+                      "nodeSecrets.node-c.wireguardPrivateKey", "nodeSecrets.node-b.wireguardPrivateKey")
+    assert WG_KEY not in message
 
 
 def test_secrets_for_unknown_node():
@@ -221,3 +231,111 @@ def test_example_stack_file_is_valid_once_the_key_is_set():
     # and without the key it says exactly what is missing
     with pytest.raises(ConfigError, match="sshPrivateKey"):
         config.parse({k: v if isinstance(v, str) else json.dumps(v) for k, v in program.stack_config().items()})
+
+
+
+# -- hostile input: what a careless or hostile setting must never turn into ----------------------
+
+# (setting, a good value, how to put it in the config)
+def _top(key):
+    return lambda v: base(**{key: v})
+
+
+def _spoke(i, key):
+    return lambda v: with_spoke(i, **{key: v})
+
+
+VALIDATED = {
+    "interface": ("wg0", _top("interface")),
+    "hubRegion": ("nyc3", _top("hubRegion")),
+    "hubSize": ("s-1vcpu-1gb", _top("hubSize")),
+    "hubImage": ("ubuntu-24-04-x64", _top("hubImage")),
+    "spokes[0].name": ("node-a", _spoke(0, "name")),
+    "spokes[0].region": ("nyc3", _spoke(0, "region")),
+    "spokes[0].image": ("ubuntu-24-04-x64", _spoke(0, "image")),
+    "spokes[1].user": ("deploy", _spoke(1, "user")),
+    "spokes[1].host": ("db1.example.com", _spoke(1, "host")),
+    "spokes[1].hostKey": (HOST_KEY, _spoke(1, "hostKey")),
+    "spokes[1].port": ("2222", _spoke(1, "port")),
+    "adminSshKeys[0]": (HOST_KEY, lambda v: base(adminSshKeys=[v])),
+    "statusPort": ("8080", _top("statusPort")),
+    "listenPort": ("51821", _top("listenPort")),
+}
+# What each is tried with: a trailing newline (`$` matched before it), a NUL, look-alikes.
+HOSTILE = {
+    "trailing newline": lambda v: v + "\n",
+    "NUL": lambda v: v[:2] + "\x00" + v[2:],
+    "Cyrillic o": lambda v: v.replace("o", "\u043e", 1) if "o" in v else "\u043e" + v,
+    "fullwidth digit": lambda v: v.replace(v[0], chr(0xFF10 + int(v[0])), 1) if v[0].isdigit() else v + "\uff11",
+    "newline inside": lambda v: v[:2] + "\n" + v[2:],
+}
+
+
+@pytest.mark.parametrize("setting", sorted(VALIDATED))
+def test_every_validator_takes_the_plain_value(setting):
+    good, put = VALIDATED[setting]
+    config.parse(put(good))
+
+
+@pytest.mark.parametrize("how", sorted(HOSTILE))
+@pytest.mark.parametrize("setting", sorted(VALIDATED))
+def test_every_validator_refuses_hidden_characters(setting, how):
+    good, put = VALIDATED[setting]
+    bad = HOSTILE[how](good)
+    try:
+        cfg = config.parse(put(bad))
+    except ConfigError as err:
+        assert str(err.value if hasattr(err, "value") else err).startswith(setting.split("[")[0]), (setting, how, err)
+        return
+    # Taken only as a plain value: surrounding whitespace stripped (a host, a key line) or a JSON
+    # number read ("8080\n" is 8080). No hidden character is left anywhere in what was parsed.
+    assert how == "trailing newline", (setting, how)
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from strings(v)
+    hidden = [t for t in strings(dataclasses.asdict(cfg)) if "\n" in t.strip("\n") or t != t.strip("\n")
+              or "\x00" in t or "\u043e" in t]
+    assert not [t for t in hidden if "PRIVATE KEY" not in t], (setting, hidden)
+
+
+def test_interface_with_a_newline_never_reaches_a_ruleset():
+    """The hole: nft read `iifname != "wg0\n"`, which matches every interface."""
+    refused(base(interface="wg0\n"), "interface")
+
+
+@pytest.mark.parametrize("port", [22, 2222, 51820])
+def test_a_status_port_on_ssh_or_wireguard_is_refused(port):
+    raw = with_spoke(1, port=2222)
+    raw["statusPort"] = str(port)
+    message = refused(raw, "statusPort", str(port))
+    assert ("SSH" in message) if port != 51820 else ("WireGuard" in message)
+
+
+@pytest.mark.parametrize("host", ["198.51.100.1; reboot", "-oProxyCommand=touch /tmp/x", "a b", "$(id)", "host_1",
+                                  "-h", "db1..example.com", "x" * 64 + ".example.com", "999.1.1.1", "db1.example.com/x"])
+def test_an_ssh_host_must_be_a_name_or_an_address(host):
+    refused(with_spoke(1, host=host), "spokes[1].host")
+
+
+@pytest.mark.parametrize("host,kept", [("198.51.100.21", "198.51.100.21"), ("2001:db8::1", "2001:db8::1"),
+                                       ("db1.example.com", "db1.example.com"), (" node-b ", "node-b")])
+def test_names_and_addresses_are_taken(host, kept):
+    assert config.parse(with_spoke(1, host=host)).spokes[1].host == kept
+
+
+@pytest.mark.parametrize("cidr", ["10.88.0.0/24", "10.88.0.12/32", "10.0.0.0/8", "0.0.0.0/0"])
+def test_admin_cidrs_overlapping_the_overlay_are_refused(cidr):
+    refused(base(adminCidrs=["203.0.113.10/32", cidr]), "adminCidrs[1]", "overlaps the overlay")
+
+
+def test_status_cidrs_default_to_everyone_and_can_be_narrowed():
+    assert config.parse(base()).status_cidrs == ("0.0.0.0/0", "::/0")
+    assert config.parse(base(statusCidrs=["203.0.113.0/24"])).status_cidrs == ("203.0.113.0/24",)
+    assert config.parse(base(statusCidrs=[])).status_cidrs == ()
+    refused(base(statusCidrs=["203.0.113.0/24\n"]), "statusCidrs[0]")

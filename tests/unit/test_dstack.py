@@ -175,10 +175,12 @@ def test_the_environment_is_a_secret_output_and_the_compose_a_plain_one(run):
     assert not [s[:6] for s in secrets if s in run.outputs["dstackCompose"]["node-d"]]
 
 
-def test_the_deploy_command_keeps_its_secrets_in_its_environment(run):
+def test_the_deploy_command_takes_its_secrets_on_stdin(run):
     (app,) = run.of_type("command:local:Command")
-    env = app.inputs["environment"]
-    assert program.is_secret_marker(env["PHALA_CLOUD_API_KEY"]) and program.is_secret_marker(env["DSTACK_VPN_ENV"])
+    assert set(app.inputs["environment"]) == {"DSTACK_VPN_COMPOSE"}
+    assert program.is_secret_marker(app.inputs["stdin"])
+    key_line, env_file = program.unwrap(app.inputs["stdin"]).split("\n", 1)
+    assert key_line == API_KEY and env_file.startswith(plan.DSTACK_ENV_PRIVATE_KEY + "=")
     secrets = set(run.made_secrets) | {API_KEY}
     plain = [t for t in program.plain_strings(app.inputs)]
     assert not [s[:6] for s in secrets for t in plain if s in t]
@@ -187,21 +189,26 @@ def test_the_deploy_command_keeps_its_secrets_in_its_environment(run):
 
 # -- the deployment, against a stand-in `phala` ----------------------------------------------
 
+# The stand-in takes its switches from files beside its folder: the CLI's environment is an
+# allow-list, which would not carry them.
 STAND_IN = r'''#!/usr/bin/env python3
 import json, os, sys
-log = os.environ["PHALA_STAND_IN_LOG"]
+here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+switch = lambda name, default="": open(os.path.join(here, name)).read() if os.path.exists(os.path.join(here, name)) else default
+log = os.path.join(here, "calls.jsonl")
 record = {"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
+          "parent_environ": open(f"/proc/{os.getppid()}/environ").read(),
           "files": {n: open(n).read() for n in ("docker-compose.yml", "app.env") if os.path.exists(n)}}
 with open(log, "a") as f:
     f.write(json.dumps(record) + "\n")
-answer = os.environ.get("PHALA_STAND_IN_ANSWER", "ok")
+answer = switch("answer", "ok")
 if answer == "fail":
     print('{"success": false, "error": "quota exceeded"}', file=sys.stderr)
     sys.exit(1)
 if answer == "not-found":
     print("Error: CVM not found", file=sys.stderr)
     sys.exit(1)
-if os.environ.get("PHALA_CLOUD_API_KEY") != os.environ.get("PHALA_STAND_IN_VALID_KEY", os.environ["PHALA_CLOUD_API_KEY"]):
+if os.environ.get("PHALA_CLOUD_API_KEY") != switch("valid-key", os.environ["PHALA_CLOUD_API_KEY"]):
     print("Error: 401 Unauthorized: invalid API key", file=sys.stderr)
     sys.exit(1)
 print("Provisioning CVM...")
@@ -226,10 +233,13 @@ def run_command(run, phala, tmp_path, action, previous="", answer="ok", path=Non
     (app,) = run.of_type("command:local:Command")
     inputs = inputs or program.unwrap(app.inputs)
     log = tmp_path / "calls.jsonl"
+    (tmp_path / "answer").write_text(answer)
+    operator_env = dict(operator_env or {})
+    if "PHALA_STAND_IN_VALID_KEY" in operator_env:
+        (tmp_path / "valid-key").write_text(operator_env.pop("PHALA_STAND_IN_VALID_KEY"))
     env = {"PATH": path or f"{phala}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
-           "PHALA_STAND_IN_LOG": str(log), "PHALA_STAND_IN_ANSWER": answer, **(operator_env or {}),
-           "PULUMI_COMMAND_STDOUT": previous, **inputs["environment"]}
-    proc = subprocess.run([*inputs["interpreter"], inputs[action]], env=env, cwd=tmp_path,
+           **operator_env, "PULUMI_COMMAND_STDOUT": previous, **inputs["environment"]}
+    proc = subprocess.run([*inputs["interpreter"], inputs[action]], env=env, cwd=tmp_path, input=inputs.get("stdin"),
                           capture_output=True, text=True, timeout=60)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return proc, calls, inputs
@@ -251,9 +261,9 @@ def test_create_deploys_a_new_cvm_with_public_logs_off(run, phala, tmp_path):
     # secrets: in the CLI's environment (its key) and in the env file, never in an argument
     assert not [s[:6] for s in secrets_of(run) for a in argv if s in a]
     assert call["env"]["PHALA_CLOUD_API_KEY"] == API_KEY
-    assert "DSTACK_VPN_ENV" not in call["env"] and "DSTACK_VPN_COMPOSE" not in call["env"]
+    assert "DSTACK_VPN_COMPOSE" not in call["env"]
     assert call["files"] == {"docker-compose.yml": inputs["environment"]["DSTACK_VPN_COMPOSE"],
-                             "app.env": inputs["environment"]["DSTACK_VPN_ENV"]}
+                             "app.env": inputs["stdin"].split("\n", 1)[1]}
     # from an empty private folder (a phala.toml elsewhere cannot pick the CVM), removed after
     assert call["cwd"] != str(tmp_path) and not Path(call["cwd"]).exists()
     assert not [s[:6] for s in secrets_of(run) if s in proc.stdout + proc.stderr]
@@ -271,7 +281,7 @@ def test_delete_removes_the_cvm_and_a_gone_one_is_fine(run, phala, tmp_path):
     proc, (call,), _ = run_command(run, phala, tmp_path, "delete", previous="cvm_id=0b6f-uuid\n")
     assert proc.returncode == 0, proc.stderr
     assert call["argv"] == ["cvms", "delete", "0b6f-uuid", "--force", "--json"]
-    assert "DSTACK_VPN_ENV" not in call["env"]
+    assert "DSTACK_VPN_COMPOSE" not in call["env"]
     (tmp_path / "calls.jsonl").unlink()
     proc, _, _ = run_command(run, phala, tmp_path, "delete", previous="cvm_id=0b6f-uuid\n", answer="not-found")
     assert proc.returncode == 0 and "already gone" in proc.stderr
@@ -284,7 +294,7 @@ def test_failures_are_reported_plainly(run, phala, tmp_path):
     proc, _, _ = run_command(run, phala, tmp_path, "create", path="/usr/bin:/bin")
     assert proc.returncode != 0 and \
         f"the Phala Cloud CLI is not on PATH (npm install -g phala@{plan.PHALA_CLI_VERSION})" in proc.stderr
-    assert sorted(os.listdir(tmp_path)) == ["bin", "calls.jsonl"]  # no work folder left behind
+    assert sorted(os.listdir(tmp_path)) == ["answer", "bin", "calls.jsonl"]  # no work folder left behind
 
 
 def test_an_update_that_leaves_the_app_as_it_was_deploys_nothing(run, phala, tmp_path):
@@ -312,3 +322,28 @@ def test_delete_after_the_key_was_rotated_uses_the_operators_current_key(run, ph
     assert proc.returncode == 0, proc.stderr
     assert call["env"]["PHALA_CLOUD_API_KEY"] == "phak_new_key_after_rotation"
     assert "DSTACK_VPN_PHALA_API_KEY" not in call["env"]
+
+
+# What `pulumi up` itself carries in its environment: none of it is the CLI's business.
+OPERATOR_SECRETS = {"DIGITALOCEAN_TOKEN": "dop_v1_never_for_phala", "PULUMI_CONFIG_PASSPHRASE": "never-for-phala",
+                    "AWS_SECRET_ACCESS_KEY": "never/for/phala", "PULUMI_ACCESS_TOKEN": "pul-never-for-phala"}
+CLI_ENVIRONMENT = {"PATH", "HOME", "TMPDIR", "LANG", "TZ", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy",
+                   "http_proxy", "no_proxy", "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR", "CI",
+                   "PHALA_DISABLE_UPDATE_CHECK", "PHALA_CLOUD_API_KEY", "PWD", "SHLVL", "_", "OLDPWD",
+                   "LC_CTYPE"}  # set by the stand-in's own Python (PEP 538), not passed to it
+
+
+@pytest.mark.parametrize("action", ["create", "update", "delete"])
+def test_the_cli_gets_only_an_allow_list_and_no_shell_holds_a_secret_in_its_environment(run, phala, tmp_path, action):
+    previous = "cvm_id=0b6f-uuid\napp_id=a1b2c3\n" if action != "create" else ""
+    keep = set()
+    proc, (call,), inputs = run_command(run, phala, tmp_path, action, previous=previous,
+                                        operator_env={**OPERATOR_SECRETS, "HTTPS_PROXY": "http://proxy:3128"})
+    assert proc.returncode == 0, proc.stderr
+    assert set(call["env"]) <= CLI_ENVIRONMENT | keep, sorted(set(call["env"]) - CLI_ENVIRONMENT)
+    assert call["env"]["HTTPS_PROXY"] == "http://proxy:3128"  # what it needs to reach Phala still gets there
+    assert not [v for v in OPERATOR_SECRETS.values() if v in json.dumps(call["env"])]
+    # the shell that ran the CLI (its parent) holds neither the API key nor the app's keys in its
+    # environment: they came on stdin
+    assert not [s[:6] for s in secrets_of(run) if s in call["parent_environ"]]
+    assert API_KEY not in json.dumps(inputs["environment"]) and "DSTACK_VPN_ENV" not in inputs["environment"]

@@ -56,7 +56,8 @@ def test_parentage(example):
 
 
 def test_steps_run_in_order_and_undo_before_replace(example):
-    chains = {"hub": ["install", "forwarding", "firewall", "wireguard"],
+    # forwarding after the firewall: the hub never routes without its ruleset
+    chains = {"hub": ["install", "firewall", "forwarding", "wireguard"],
               "node-a": ["install", "firewall", "wireguard", "status"],
               "node-b": ["install", "firewall", "wireguard", "status"]}
     for host, chain in chains.items():
@@ -160,6 +161,23 @@ def test_no_secret_in_any_plain_input_or_output(example):
     assert found == []
     # the scan can see: a secret does turn up once the markers are taken off
     assert any(s in json.dumps(program.unwrap(example.named("hub-wireguard").inputs)) for s in secrets)
+
+
+def test_no_command_text_carries_a_secret_marked_or_not():
+    """A command's text reaches `bash -c` on the host (and sudo's journal line, and an error's
+    message) whether Pulumi marks it secret or not: secrets go on stdin or in the environment."""
+    spokes = program.stack_config()["spokes"] + [
+        {"name": "node-d", "kind": "dstack", "phala": {"instanceType": "tdx.small"}}]
+    run = program.run(settings(spokes=spokes, phalaApiKey="phak_never_in_a_command"))
+    secrets = secret_texts(run) | {"phak_never_in_a_command"}
+    commands = run.of_type(CMD) + run.of_type("command:local:Command")
+    assert len(commands) == 17
+    found = [(reg.name, field, s[:6]) for reg in commands for field in ("create", "update", "delete")
+             for s in secrets if s in json.dumps(program.unwrap(reg.inputs.get(field)))]
+    assert found == []
+    # none of them is even marked secret: a marked command text hides nothing from the host
+    assert not [(r.name, f) for r in commands for f in ("create", "update", "delete")
+                if program.is_secret_marker(r.inputs.get(f))]
 
 
 def test_outputs_are_plain_public_values(example):

@@ -1,6 +1,7 @@
 """Every file that lands on a host, rendered and checked by the real tool that reads it."""
 import json
 import re
+import dataclasses
 import subprocess
 
 import pytest
@@ -100,7 +101,7 @@ def test_ruleset_with_only_ipv6_admins_loads(cfg, tmp_path):
 
 SCRIPT_VALUES = {
     "install": {},
-    "forwarding": {"sysctl_path": plan.SYSCTL_PATH},
+    "forwarding": plan.forwarding_values(),
     "firewall": {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
     "wireguard": {"interface": "wg0", "address": "10.88.0.11", "prefixlen": 24, "nudge_address": "10.88.0.1"},
     "wireguard-hub": {"interface": "wg0", "address": "10.88.0.1", "prefixlen": 24, "nudge_address": None},
@@ -151,6 +152,56 @@ def test_firewall_unit_verifies(tmp_path):
     unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=plan.RULES_PATH))
     out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_firewall_unit_with_the_forwarding_drop_in_verifies(tmp_path):
+    """systemd-analyze verify the unit with the hub's drop-in beside it (the way systemd merges it)."""
+    need_tool("systemd-analyze")
+    need_tool("nft")
+    unit = tmp_path / "dstack-vpn-firewall.service"
+    unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=plan.RULES_PATH))
+    dropin = tmp_path / "dstack-vpn-firewall.service.d"
+    dropin.mkdir()
+    (dropin / "forwarding.conf").write_text(render.render("systemd/dstack-vpn-firewall-forwarding.conf"))
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # forwarding is a post-step of loading the ruleset, not a sysctl.d file applied at early boot
+    assert "ExecStartPost=/usr/sbin/sysctl -q -w net.ipv4.ip_forward=1" in (dropin / "forwarding.conf").read_text()
+    script = render.script("forwarding", "scripts/forwarding.sh", **plan.forwarding_values())
+    assert script.index("nft list table inet dstack_vpn") < script.index("sysctl -q -w net.ipv4.ip_forward=1")
+
+
+def test_nudge_unit_reaches_only_the_hub_overlay_address(tmp_path):
+    text = render.render("systemd/dstack-vpn-nudge.service", interface="wg0", nudge_address="10.88.0.1")
+    assert "IPAddressDeny=any\nIPAddressAllow=10.88.0.1\n" in text
+
+
+@pytest.mark.parametrize("kind,blocked", [("droplet", True), ("ssh", False)])
+def test_only_root_reaches_the_metadata_service_on_droplets(cfg, tmp_path, kind, blocked):
+    spoke = next(s for s in cfg.spokes if s.kind == kind)
+    text = render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, spoke))
+    nft_check(tmp_path, text)
+    assert ("ip daddr 169.254.169.254 meta skuid != 0 drop" in text) == blocked
+    assert "ip daddr 169.254.169.254 meta skuid != 0 drop" in render.render("nftables/hub.nft", **plan.hub_firewall(cfg))
+
+
+@pytest.mark.parametrize("cidrs", [["203.0.113.0/24", "2001:db8::/48"], []])
+def test_status_cidrs_narrow_the_status_page_on_host_and_cloud(cfg, tmp_path, cidrs):
+    narrowed = dataclasses.replace(cfg, status_cidrs=tuple(cidrs))
+    spoke = next(s for s in narrowed.spokes if s.kind == "droplet")
+    text = render.render("nftables/spoke.nft", **plan.spoke_firewall(narrowed, spoke))
+    nft_check(tmp_path, text)
+    assert ("elements = { 203.0.113.0/24 }" in text) == bool(cidrs)
+    rules = plan.cloud_firewall_inbound(narrowed, "spoke")
+    status = [r for r in rules if r["port_range"] == str(cfg.status_port)]
+    assert status == ([dict(protocol="tcp", port_range="8000", source_addresses=cidrs)] if cidrs else [])
+
+
+def test_dhcp_replies_are_accepted_only_from_the_underlay_server_side(cfg, tmp_path):
+    text = render.render("nftables/hub.nft", **plan.hub_firewall(cfg))
+    dhcp = [line.strip() for line in text.splitlines() if "dport 68" in line or "dport 546" in line]
+    assert dhcp == ["meta iiftype ether udp sport 67 udp dport 68 accept",
+                    "meta iiftype ether ip6 saddr fe80::/10 udp sport 547 udp dport 546 accept"]
 
 
 def test_cloud_init_is_yaml_with_the_host_key(cfg):

@@ -48,6 +48,22 @@ ACTION_INPUTS = {
 
 PULUMI_ACTION = "pulumi/actions"
 STACK_VAR = "${{ vars.PULUMI_STACK }}"
+README = ROOT / "README.md"
+
+# The jobs that may use secrets (other than GITHUB_TOKEN), each behind its environment: a
+# secret is handed out only after that environment's required reviewers approve the run.
+ENVIRONMENTS = {
+    "preview.yml": {"preview": "preview"},
+    "deploy.yml": {"deploy": "production"},
+}
+
+# A runner that is not GitHub-hosted (a self-hosted label, a label from a variable, a
+# group, a list of labels) may serve exactly one job: deploy.yml's deploy, on push to main
+# in the production environment, with this runs-on.
+GITHUB_HOSTED = re.compile(r"(?:ubuntu|windows|macos)-(?:latest|\d+(?:\.\d+)?)(?:-arm)?")
+DEPLOY_RUNS_ON = "${{ vars.PULUMI_DEPLOY_RUNNER || 'ubuntu-24.04' }}"
+PR_EVENTS = {"pull_request", "pull_request_target", "pull_request_review", "pull_request_review_comment",
+             "issue_comment", "merge_group"}
 
 
 # --- reading -----------------------------------------------------------------
@@ -97,6 +113,21 @@ def strings(value: Any):
 def pulumi_pin() -> str:
     (pin,) = re.findall(r"^pulumi==(\S+)\s*$", (ROOT / "requirements.txt").read_text(), re.M)
     return pin
+
+
+def environment_name(job: dict[str, Any]) -> str | None:
+    env = job.get("environment")
+    return env.get("name") if isinstance(env, dict) else env
+
+
+def uses_secrets(job: dict[str, Any]) -> bool:
+    """The job names the secrets context (`secrets.X`, `secrets[...]`, `toJSON(secrets)`, a
+    reusable workflow's `secrets:`) for anything but the run's own GITHUB_TOKEN."""
+    return any(re.search(r"\bsecrets\b", re.sub(r"\bsecrets\.GITHUB_TOKEN\b", "", s)) for s in strings(job))
+
+
+def github_hosted(runs_on: Any) -> bool:
+    return isinstance(runs_on, str) and GITHUB_HOSTED.fullmatch(runs_on) is not None
 
 
 # --- the rules ---------------------------------------------------------------
@@ -227,6 +258,74 @@ def check_no_secret_in_scripts(wf: dict[str, Any]) -> None:
         assert not DUMPS_ENVIRONMENT.search(script), f"job {job_id}: a run script dumps the environment"
 
 
+def check_secrets_behind_environment(name: str, wf: dict[str, Any]) -> None:
+    """A job that gets secrets gets them from its environment (required reviewers), no other job gets any."""
+    expected = ENVIRONMENTS.get(name, {})
+    for job_id, job in wf["jobs"].items():
+        if uses_secrets(job):
+            assert job_id in expected, f"job {job_id} of {name} uses secrets: only {sorted(expected)} may"
+        if job_id in expected:
+            got = environment_name(job)
+            assert got == expected[job_id], f"job {job_id}: environment {got!r}, expected {expected[job_id]!r}"
+    assert set(expected) <= set(wf["jobs"]), f"{name}: no job(s) {sorted(set(expected) - set(wf['jobs']))}"
+
+
+def check_pull_request_runners(wf: dict[str, Any]) -> None:
+    """Jobs that a pull request starts (and can rewrite) run on GitHub-hosted runners only."""
+    on = set(triggers(wf))
+    if not on & PR_EVENTS:
+        return
+    for job_id, job in wf["jobs"].items():
+        runs_on = job.get("runs-on")
+        assert "vars." not in str(runs_on) and "self-hosted" not in str(runs_on), \
+            f"job {job_id} runs on {runs_on!r}: a pull request could reach that runner"
+        assert github_hosted(runs_on), f"job {job_id}: runs-on {runs_on!r} is not one GitHub-hosted label"
+
+
+def check_self_hosted_only_for_deploy(name: str, wf: dict[str, Any]) -> None:
+    """The deploy runner (a self-hosted one, in adminCidrs) serves deploy.yml's deploy job only,
+    which runs only on push to main, in the production environment."""
+    for job_id, job in wf["jobs"].items():
+        runs_on = job.get("runs-on")
+        if "uses" in job and runs_on is None:
+            continue  # a reusable workflow: checked where it is defined
+        if github_hosted(runs_on):
+            continue
+        where = f"{name}: job {job_id} on {runs_on!r}"
+        assert (name, job_id) == ("deploy.yml", "deploy"), f"{where}: only deploy.yml's deploy job may leave GitHub's runners"
+        assert runs_on == DEPLOY_RUNS_ON, f"{where}: expected {DEPLOY_RUNS_ON!r}"
+        assert triggers(wf) == {"push": {"branches": ["main"]}}, f"{where}: must run on push to main only"
+        assert environment_name(job) == "production", f"{where}: must run in the production environment"
+
+
+ADVICE = re.compile(r"\b(?:add|adds|added|adding|copy|copies|copied|copying|set|sets|setting|store|stored|storing|"
+                    r"put|putting|duplicate|duplicated|mirror|mirrored|configure|configured)\b", re.I)
+NEGATION = re.compile(r"\b(?:do not|don't|does not|doesn't|never|must not|should not|not)\s+(?:\S+\s+){0,3}$", re.I)
+
+
+def sentences(text: str):
+    """Sentences of prose (Markdown, or a workflow's comments and values), a table row as one."""
+    text = re.sub(r"(?m)^[ \t]*#+[ \t]?", "", text)  # comment marks and Markdown headings
+    for paragraph in re.split(r"\n\s*\n", text):
+        prose = []
+        for line in paragraph.splitlines():
+            if line.lstrip().startswith("|"):
+                yield line
+            else:
+                prose.append(line)
+        yield from re.split(r"(?<=[.!?;])\s+", " ".join(" ".join(prose).split()))
+
+
+def check_no_dependabot_secret_advice(text: str) -> None:
+    """No sentence that names Dependabot and secrets advises putting secrets there (unless to say: don't)."""
+    for sentence in sentences(text):
+        if not (re.search(r"dependabot", sentence, re.I) and re.search(r"\bsecrets?\b", sentence, re.I)):
+            continue
+        for advice in ADVICE.finditer(sentence):
+            assert NEGATION.search(sentence[:advice.start()]), \
+                f"advises Dependabot secrets ({advice[0]!r}): {sentence.strip()!r}"
+
+
 # --- the real files ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -309,6 +408,65 @@ def test_deploy_runs_only_on_push_to_main_behind_an_environment(deploy):
 @pytest.mark.parametrize("path", [PREVIEW, DEPLOY], ids=lambda p: p.name)
 def test_no_secret_is_echoed(path):
     check_no_secret_in_scripts(load(path))
+
+
+ALL_WORKFLOWS = sorted(WORKFLOWS.glob("*.y*ml"))
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS, ids=lambda p: p.name)
+def test_secrets_only_behind_an_approved_environment(path):
+    check_secrets_behind_environment(path.name, load(path))
+
+
+def test_the_unit_tests_get_no_secrets_and_a_github_hosted_runner(preview):
+    job = preview["jobs"]["unit-tests"]
+    assert not any("secrets" in s for s in strings(job)), "the unit tests need no secret, not even GITHUB_TOKEN's"
+    assert "environment" not in job
+    assert job["runs-on"] == "ubuntu-24.04"
+
+
+def test_github_token_is_no_environment_secret(preview):
+    # the run's own token is not a stored secret: a job may pass it without an environment
+    wf = copy.deepcopy(preview)
+    wf["jobs"]["unit-tests"]["steps"][0]["with"]["token"] = "${{ secrets.GITHUB_TOKEN }}"
+    check_secrets_behind_environment("preview.yml", wf)
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS, ids=lambda p: p.name)
+def test_pull_request_jobs_run_on_github_hosted_runners(path):
+    check_pull_request_runners(load(path))
+
+
+def test_preview_names_no_runner_variable():
+    # no runs-on of preview.yml comes from a variable (the deploy runner's, or any other)
+    runs_on = [j.get("runs-on") for j in load(PREVIEW)["jobs"].values()]
+    assert runs_on and not any("vars." in str(r) for r in runs_on), runs_on
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS, ids=lambda p: p.name)
+def test_the_deploy_runner_serves_only_the_deploy_on_main(path):
+    check_self_hosted_only_for_deploy(path.name, load(path))
+
+
+def test_the_deploy_job_may_use_the_deploy_runner(deploy):
+    # the rule above must not pass only because nothing asks for the deploy runner
+    assert deploy["jobs"]["deploy"]["runs-on"] == DEPLOY_RUNS_ON
+
+
+@pytest.mark.parametrize("path", [README, *ALL_WORKFLOWS], ids=lambda p: p.name)
+def test_no_advice_to_give_dependabot_the_secrets(path):
+    check_no_dependabot_secret_advice(path.read_text())
+
+
+def test_readme_documents_the_environments():
+    """Each environment a workflow names is described in the README, with its required reviewers."""
+    text = README.read_text()
+    section = text[text.index("## Pull requests"):]
+    section = section[:section.index("\n## ", 1)]
+    for envs in ENVIRONMENTS.values():
+        for env in envs.values():
+            assert re.search(rf"`{env}`\s+environment|environment[^.]*`{env}`", section), env
+    assert "Required reviewers" in section
 
 
 # --- every rule can fail -----------------------------------------------------
@@ -399,6 +557,45 @@ BROKEN_DICTS: list[tuple[str, str, str, Mutation]] = [
     (P, "secrets", "the environment dumped", lambda wf: _add_run(wf, "unit-tests", "printenv | sort")),
     (P, "secrets", "bash tracing", lambda wf: _add_run(wf, "unit-tests", "set -eux\npip list")),
     (D, "secrets", "the secrets context as JSON", lambda wf: _add_run(wf, "deploy", "echo '${{ toJSON(secrets) }}'")),
+    (P, "environment", "preview secrets with no environment", lambda wf: _job(wf, "preview").pop("environment")),
+    (P, "environment", "preview in the production environment",
+     lambda wf: _job(wf, "preview").update(environment="production")),
+    (P, "environment", "preview in an environment named as a mapping, but another one",
+     lambda wf: _job(wf, "preview").update(environment={"name": "staging"})),
+    (P, "environment", "the unit tests get a secret",
+     lambda wf: _job(wf, "unit-tests")["steps"][0]["with"].update(token="${{ secrets.PULUMI_ACCESS_TOKEN }}")),
+    (P, "environment", "the unit tests get every secret as JSON",
+     lambda wf: _add_run(wf, "unit-tests", "true", S="${{ toJSON(secrets) }}")),
+    (D, "environment", "deploy in the preview environment", lambda wf: _job(wf, "deploy").update(environment="preview")),
+    (D, "environment", "a second job with secrets and no environment", lambda wf: wf["jobs"].update(
+        notify={"runs-on": "ubuntu-24.04", "steps": [{"run": "true", "env": {"T": "${{ secrets.DIGITALOCEAN_TOKEN }}"}}]})),
+    (D, "environment", "a reusable workflow given every secret",
+     lambda wf: wf["jobs"].update(more={"uses": "./.github/workflows/more.yml", "secrets": "inherit"})),
+    (P, "pr-runners", "unit tests on the deploy runner",
+     lambda wf: _job(wf, "unit-tests").update({"runs-on": DEPLOY_RUNS_ON})),
+    (P, "pr-runners", "preview on a self-hosted runner", lambda wf: _job(wf, "preview").update({"runs-on": "self-hosted"})),
+    (P, "pr-runners", "preview on self-hosted labels",
+     lambda wf: _job(wf, "preview").update({"runs-on": ["self-hosted", "linux"]})),
+    (P, "pr-runners", "unit tests on a runner group", lambda wf: _job(wf, "unit-tests").update(
+        {"runs-on": {"group": "deployers"}})),
+    (P, "pr-runners", "preview on a label from a variable",
+     lambda wf: _job(wf, "preview").update({"runs-on": "${{ vars.PREVIEW_RUNNER }}"})),
+    (D, "pr-runners", "deploy.yml also on pull requests",
+     lambda wf: _set_on(wf, {"push": {"branches": ["main"]}, "pull_request": None})),
+    (D, "pr-runners", "deploy.yml on pull_request_target", lambda wf: _set_on(wf, {"pull_request_target": None})),
+    (P, "deploy-runner", "unit tests on the deploy runner",
+     lambda wf: _job(wf, "unit-tests").update({"runs-on": DEPLOY_RUNS_ON})),
+    (P, "deploy-runner", "preview on a self-hosted runner", lambda wf: _job(wf, "preview").update({"runs-on": "self-hosted"})),
+    (D, "deploy-runner", "a second job on the deploy runner", lambda wf: wf["jobs"].update(
+        cleanup={"runs-on": DEPLOY_RUNS_ON, "steps": [{"run": "true"}]})),
+    (D, "deploy-runner", "the deploy runner also on workflow_dispatch",
+     lambda wf: _set_on(wf, {"push": {"branches": ["main"]}, "workflow_dispatch": None})),
+    (D, "deploy-runner", "the deploy runner on every branch", lambda wf: _set_on(wf, {"push": None})),
+    (D, "deploy-runner", "the deploy runner outside production", lambda wf: _job(wf, "deploy").pop("environment")),
+    (D, "deploy-runner", "the deploy runner in another environment",
+     lambda wf: _job(wf, "deploy").update(environment="staging")),
+    (D, "deploy-runner", "another variable names the runner",
+     lambda wf: _job(wf, "deploy").update({"runs-on": "${{ vars.SOME_RUNNER }}"})),
 ]
 
 RULES: dict[str, Callable[[str, dict], None]] = {
@@ -408,6 +605,9 @@ RULES: dict[str, Callable[[str, dict], None]] = {
     "preview": lambda name, wf: check_preview_workflow(wf),
     "deploy": lambda name, wf: check_deploy_workflow(wf),
     "secrets": lambda name, wf: check_no_secret_in_scripts(wf),
+    "environment": check_secrets_behind_environment,
+    "pr-runners": lambda name, wf: check_pull_request_runners(wf),
+    "deploy-runner": check_self_hosted_only_for_deploy,
 }
 
 
@@ -445,6 +645,31 @@ def test_pinning_rule_catches_a_broken_copy(what, mutate):
 def test_an_exact_version_tag_is_accepted():
     check_pinned(PREVIEW.read_text().replace(
         "actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1 # v7.0.1", "actions/checkout@v7.0.1"))
+
+
+OLD_DEPENDABOT_ADVICE = ("Dependabot's pull requests get only Dependabot's secrets, so their\n"
+                         "preview fails unless the same secrets are added there as well.")
+BROKEN_DOCS = [
+    (README, "the old advice", lambda t: t.replace("## Pull requests\n", f"## Pull requests\n\n{OLD_DEPENDABOT_ADVICE}\n", 1)),
+    (README, "copy them to Dependabot", lambda t: t + "\nCopy the preview's secrets to Dependabot's secrets too.\n"),
+    (README, "a Settings row", lambda t: t + "\n| `DIGITALOCEAN_TOKEN` | Dependabot secret | set it for Dependabot too |\n"),
+    (PREVIEW, "a workflow comment", lambda t: t.replace(
+        "name: preview\n", "# Dependabot: add the same secrets under Dependabot secrets.\nname: preview\n", 1)),
+]
+
+
+@pytest.mark.parametrize("path, what, mutate", BROKEN_DOCS, ids=[f"{b[0].name}: {b[1]}" for b in BROKEN_DOCS])
+def test_dependabot_rule_catches_a_broken_copy(path, what, mutate):
+    text = path.read_text()
+    check_no_dependabot_secret_advice(text)
+    broken = mutate(text)
+    assert broken != text, "the mutation did not apply"
+    with pytest.raises(AssertionError):
+        check_no_dependabot_secret_advice(broken)
+
+
+def test_a_warning_against_dependabot_secrets_is_no_advice():
+    check_no_dependabot_secret_advice("Do not copy these secrets to Dependabot: they would skip the review.")
 
 
 def test_deploy_installs_the_pinned_phala_cli_before_pulumi_up(deploy):
