@@ -632,14 +632,18 @@ BROKEN_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("what, mutate", BROKEN_TEXTS, ids=[b[0] for b in BROKEN_TEXTS])
-def test_pinning_rule_catches_a_broken_copy(what, mutate):
-    text = PREVIEW.read_text()
-    check_pinned(text)
+def assert_rule_catches(check, text: str, mutate) -> None:
+    """`check` passes on `text` and fails on its broken copy."""
+    check(text)
     broken = mutate(text)
     assert broken != text, "the mutation did not apply"
     with pytest.raises(AssertionError):
-        check_pinned(broken)
+        check(broken)
+
+
+@pytest.mark.parametrize("what, mutate", BROKEN_TEXTS, ids=[b[0] for b in BROKEN_TEXTS])
+def test_pinning_rule_catches_a_broken_copy(what, mutate):
+    assert_rule_catches(check_pinned, PREVIEW.read_text(), mutate)
 
 
 def test_an_exact_version_tag_is_accepted():
@@ -660,12 +664,7 @@ BROKEN_DOCS = [
 
 @pytest.mark.parametrize("path, what, mutate", BROKEN_DOCS, ids=[f"{b[0].name}: {b[1]}" for b in BROKEN_DOCS])
 def test_dependabot_rule_catches_a_broken_copy(path, what, mutate):
-    text = path.read_text()
-    check_no_dependabot_secret_advice(text)
-    broken = mutate(text)
-    assert broken != text, "the mutation did not apply"
-    with pytest.raises(AssertionError):
-        check_no_dependabot_secret_advice(broken)
+    assert_rule_catches(check_no_dependabot_secret_advice, path.read_text(), mutate)
 
 
 def test_a_warning_against_dependabot_secrets_is_no_advice():
