@@ -19,6 +19,17 @@ command line wins over the environment.
 No secret ever leaves `wg show <if> dump`: the interface private key and the
 preshared keys are dropped by parse_dump() itself, so nothing after it holds
 them.
+
+Two processes where it is deployed (privilege separation):
+  --dump-helper  root, with CAP_NET_ADMIN alone (what `wg show` needs); reads
+                 nothing from anyone: for each connection to its UNIX socket
+                 (--wg-dump-socket, or the one systemd passes it) it runs
+                 `wg show <if> dump` and writes back the dump as parse_dump()
+                 keeps it, re-written with "(hidden)" where the keys were.
+  the HTTP page  no capability at all, an unprivileged user; with
+                 --wg-dump-socket it reads that filtered dump from the helper
+                 instead of running wg (without it, it runs wg itself: for
+                 development and tests).
 """
 
 import sys
@@ -32,13 +43,16 @@ if __name__ == "__main__" and "ssl" not in sys.modules:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import email.utils  # noqa: E402
+import errno  # noqa: E402
 import http  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import stat  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone
@@ -64,6 +78,32 @@ MAX_DRAIN = 1024 * 1024
 # wg's own output for a spoke is a few hundred bytes; a hub with many peers a
 # few hundred kilobytes. More than this is not a dump.
 MAX_WG_OUTPUT = 4 * 1024 * 1024
+
+# Connections. Each holds a file descriptor: the cap on all of them stays this
+# many descriptors below the open-files limit (RLIMIT_NOFILE), which leaves room
+# for the listening socket, the event loop, wg's pipes and /proc reads, so
+# accept() never fails for want of one. IPv6 clients count per /64, the block
+# one host usually gets.
+FD_RESERVE = 64
+IPV6_SOURCE_PREFIX = 64
+# Connections accepted per wake-up of the listening socket, so that a flood of
+# them cannot hold the loop for long.
+ACCEPT_BATCH = 64
+# After a last answer (an error, a timeout), what the client still sends is
+# read and dropped for at most this long, so that its answer is not destroyed
+# by a reset (see Connection.close); then the connection is cut.
+CLOSE_GRACE = 1.0
+# One log line at most this often for each kind of trouble (refused
+# connections, accept errors, errors inside asyncio): a flood shows as a count.
+LOG_INTERVAL = 10.0
+
+# The dump helper's answer: "ok\n" and the dump without keys, or "error
+# <message>\n" (a message that is safe to show to clients). A reading is
+# reused by the helper for this long, however often it is asked.
+HELPER_OK = "ok"
+HELPER_ERROR = "error "
+HELPER_MIN_INTERVAL = 0.5
+HIDDEN = "(hidden)"
 
 SERVER_NAME = "dstack-vpn-status"
 ALLOWED_METHODS = ("GET", "HEAD")
@@ -246,6 +286,155 @@ def _socket_hint(interface: str) -> str:
             return ""
     return (" (a userspace WireGuard interface: reaching %s needs CAP_DAC_OVERRIDE, "
             "see the dstack-vpn-status unit)" % path)
+
+
+def format_dump(iface: Interface) -> str:
+    """`wg show <if> dump` again, from what parse_dump() kept: "(hidden)" where
+    the private and preshared keys were (Interface holds neither)."""
+    lines = ["\t".join((HIDDEN, iface.public_key or "(none)", str(iface.listen_port),
+                        "off" if iface.fwmark is None else "0x%x" % iface.fwmark))]
+    for p in iface.peers:
+        lines.append("\t".join((
+            p.public_key, HIDDEN, p.endpoint or "(none)", ",".join(p.allowed_ips) or "(none)",
+            str(p.latest_handshake), str(p.rx_bytes), str(p.tx_bytes),
+            "off" if p.persistent_keepalive is None else str(p.persistent_keepalive))))
+    return "\n".join(lines) + "\n"
+
+
+async def read_interface_from_helper(path: str, timeout: float) -> Interface:
+    """Ask the dump helper at `path` (see serve_dumps) once; WgError on any failure."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+
+    async def ask() -> bytes:
+        await loop.sock_connect(sock, path)
+        data = b""
+        while len(data) <= MAX_WG_OUTPUT:
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                return data
+            data += chunk
+        raise WgError("the dump helper at %s sent more than %d bytes" % (path, MAX_WG_OUTPUT))
+
+    try:
+        data = await asyncio.wait_for(ask(), timeout)
+    except asyncio.TimeoutError:
+        raise WgError("the dump helper at %s did not answer within %g s" % (path, timeout)) from None
+    except OSError as e:
+        raise WgError("cannot reach the dump helper at %s: %s" % (path, e.strerror or e)) from None
+    finally:
+        sock.close()
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise WgError("the dump helper's answer is not ASCII text") from None
+    status, _, dump = text.partition("\n")
+    if status == HELPER_OK:
+        return parse_dump(dump)
+    if status.startswith(HELPER_ERROR):
+        raise WgError(_printable(status[len(HELPER_ERROR):]) or "the dump helper failed")
+    raise WgError("the dump helper's answer is not understood" if data else "the dump helper closed without answering")
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:300])
+
+
+# --------------------------------------------------------------------------
+# The dump helper (root)
+
+
+def dump_reply(opts: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> bytes:
+    """One answer of the helper: the dump without keys, or the reason there is none."""
+    try:
+        iface = loop.run_until_complete(read_interface(opts.wg, opts.interface, opts.wg_timeout))
+    except WgError as e:
+        return ("%s%s\n" % (HELPER_ERROR, _printable(str(e)))).encode("ascii", "replace")
+    except Exception as e:  # a bug; say where, never what (see Monitor._read)
+        log("dump helper: internal error: %s" % type(e).__name__)
+        return ("%sinternal error in the dump helper: %s\n" % (HELPER_ERROR, type(e).__name__)).encode()
+    return ("%s\n%s" % (HELPER_OK, format_dump(iface))).encode("ascii")
+
+
+def helper_listener(path: str) -> Tuple[socket.socket, bool]:
+    """(listening socket, whether it is ours to remove): systemd's (socket
+    activation) where it passed one, else a new one at `path`.
+
+    A socket of our own is 0666: who may connect is decided by the folder it
+    is in, which whoever starts the helper makes (e.g. root:nogroup 0710).
+    """
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") != "0":
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)  # not for wg
+        sock = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
+        os.set_inheritable(sock.fileno(), False)
+        return sock, False
+    if not path:
+        raise OSError(errno.EINVAL, "no socket: give --wg-dump-socket")
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left by a helper that was killed
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, True
+
+
+def serve_dumps(opts: argparse.Namespace) -> int:
+    """The helper: one connection at a time, each answered with dump_reply()
+    (reused for HELPER_MIN_INTERVAL), then closed. Reads nothing it is sent."""
+    try:
+        listener, own = helper_listener(opts.wg_dump_socket)
+    except OSError as e:
+        log("dump helper: cannot listen on %s: %s" % (opts.wg_dump_socket, e.strerror or e))
+        return 1
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        if not busy:
+            raise SystemExit(0)
+
+    busy = False
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    loop = asyncio.new_event_loop()
+    reply, taken = b"", -HELPER_MIN_INTERVAL
+    log("dump helper: `%s show %s dump` without keys on %s" % (opts.wg, opts.interface,
+                                                                listener.getsockname() or opts.wg_dump_socket))
+    try:
+        while not stopping:
+            conn, _ = listener.accept()
+            busy = True
+            with conn:
+                if time.monotonic() - taken >= HELPER_MIN_INTERVAL:
+                    reply = dump_reply(opts, loop)
+                    taken = time.monotonic()
+                conn.settimeout(opts.wg_timeout)  # a client that does not read is not waited for
+                try:
+                    conn.sendall(reply)
+                except OSError:
+                    pass
+            busy = False
+    except SystemExit:
+        pass
+    finally:
+        loop.close()
+        listener.close()
+        if own:
+            try:
+                os.unlink(opts.wg_dump_socket)
+            except OSError:
+                pass
+    return 0
 
 
 # --------------------------------------------------------------------------
@@ -546,7 +735,11 @@ class Monitor:
 
     async def _read_node(self) -> Snapshot:
         opts = self.opts
-        iface = await read_interface(opts.wg, opts.interface, opts.wg_timeout)
+        if opts.wg_dump_socket:
+            # The helper runs wg with the same timeout: a second more to hear it say so.
+            iface = await read_interface_from_helper(opts.wg_dump_socket, opts.wg_timeout + 1)
+        else:
+            iface = await read_interface(opts.wg, opts.interface, opts.wg_timeout)
         now = time.time()
         disk_bytes = disk_free_bytes()
         doc = status_document(opts, iface, now, disk_bytes, postgres_role())
@@ -587,6 +780,7 @@ def error_response(status: int, message: str) -> Response:
 
 
 BUSY = error_response(503, "too many connections")
+BUSY_SOURCE = error_response(503, "too many connections from your address")
 TIMED_OUT = error_response(408, "request timed out")
 
 
@@ -637,10 +831,12 @@ def parse_head(head: bytes) -> Request:
 class Connection(asyncio.Protocol):
     """One client connection: requests answered in order, keep-alive, deadlines."""
 
-    def __init__(self, server: "StatusServer"):
+    def __init__(self, server: "StatusServer", client: str, source: str):
         self.server = server
         self.transport: Optional[asyncio.Transport] = None
-        self.client = "?"
+        self.client = client
+        self.source = source  # what the per-source cap counts: the address, or its /64
+        self.evicted = False
         self.buffer = b""
         self.scanned = 0  # bytes of buffer already searched for the end of a head
         self.waiting = False  # for a reading of the node
@@ -654,16 +850,13 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.client = (transport.get_extra_info("peername") or ("?",))[0]
-        busy = len(self.server.connections) >= self.server.opts.max_connections
-        self.server.connections.add(self)
-        if busy:
-            self.close(BUSY)
+        if self.evicted:  # made room for another while its transport was being set up
+            transport.abort()
             return
         self.deadline = time.monotonic() + self.server.opts.request_timeout
 
     def connection_lost(self, exc) -> None:
-        self.server.connections.discard(self)
+        self.server.forget(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -787,7 +980,14 @@ class Connection(asyncio.Protocol):
             return
         self.transport.resume_reading()
         self.transport.write_eof()
-        self.deadline = time.monotonic() + self.server.opts.request_timeout
+        self.deadline = time.monotonic() + min(CLOSE_GRACE, self.server.opts.request_timeout)
+
+    def evict(self) -> None:
+        """Cut at once, to make room for a client from an address with fewer connections."""
+        self.evicted = True
+        self.server.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
 
     def expire(self) -> None:
         if self.closing:
@@ -810,12 +1010,215 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
+class RateLimitedLog:
+    """One kind of trouble, logged at once the first time, then at most one
+    line (a count and the latest) every LOG_INTERVAL seconds."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, what: str):
+        self.loop, self.what = loop, what
+        self.count, self.latest = 0, ""
+        self.handle: Optional[asyncio.TimerHandle] = None
+
+    def note(self, detail: str) -> None:
+        if self.handle is None:
+            log("%s: %s" % (self.what, detail))
+            self.handle = self.loop.call_later(LOG_INTERVAL, self.flush)
+        else:
+            self.count += 1
+            self.latest = detail
+
+    def flush(self) -> None:
+        self.handle = None
+        if self.count:
+            log("%s: %d more in the last %g s, the latest: %s" % (self.what, self.count, LOG_INTERVAL, self.latest))
+            self.count = 0
+            self.handle = self.loop.call_later(LOG_INTERVAL, self.flush)
+
+
+def source_of(address: str) -> str:
+    """What the per-source cap counts: an IPv4 address, or an IPv6 address's /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network("%s/%d" % (ip, IPV6_SOURCE_PREFIX), strict=False))
+    return str(ip)
+
+
+def open_files_limit() -> int:
+    """RLIMIT_NOFILE, its soft limit raised to the hard one (LimitNOFILE= in
+    the unit sets both); what this process may have open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return min(soft, hard)
+
+
 class StatusServer:
-    def __init__(self, opts: argparse.Namespace, loop: asyncio.AbstractEventLoop):
+    """Accepts connections itself, so that it decides before a connection costs
+    more than its descriptor: a connection over a cap is closed at once.
+
+    Caps: --max-connections-per-source for one address (an IPv6 /64), and
+    --max-connections in all, kept FD_RESERVE below the open-files limit. A
+    client from an address holding fewer connections than the busiest one is
+    not turned away when all are taken: the busiest address's oldest
+    connection makes room. So however many connections one address (or a
+    few) holds, idle or trickling, a new client still gets in.
+    """
+
+    def __init__(self, opts: argparse.Namespace, loop: asyncio.AbstractEventLoop, fd_limit: Optional[int] = None):
         self.opts = opts
         self.loop = loop
         self.monitor = Monitor(opts, loop)
         self.connections: Set[Connection] = set()
+        self.by_source: Dict[str, Dict[Connection, None]] = {}  # oldest first
+        self.fd_limit = fd_limit if fd_limit is not None else open_files_limit()
+        self.max_connections = max(1, min(opts.max_connections, self.fd_limit - FD_RESERVE))
+        self.listener: Optional[socket.socket] = None
+        self.spare: Optional[int] = None  # a descriptor kept to give back if accept() ever runs out
+        self.refused = RateLimitedLog(loop, "refusing connections")
+        self.accept_errors = RateLimitedLog(loop, "accept failed")
+        self.loop_errors = RateLimitedLog(loop, "error")
+
+    def start(self, sock: socket.socket) -> None:
+        sock.listen(1024)  # a backlog big enough that a hundred clients connecting at once see no SYN drops
+        sock.setblocking(False)
+        self.listener = sock
+        self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.loop.set_exception_handler(self.loop_exception)
+        self.loop.add_reader(sock.fileno(), self.accept)
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None
+        for conn in list(self.connections):
+            conn.evict()
+
+    def accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.shed()
+                    return
+                self.accept_errors.note(e.strerror or str(e))
+                if e.errno in (errno.ECONNABORTED, errno.EPERM, errno.EPROTO):
+                    continue  # that connection only
+                return
+            if self.admit(sock, address[0] if address else "?"):
+                # A connection was cut to make room; its descriptor is closed on the
+                # loop's next turn. Accept more only then, so that no more than one
+                # descriptor is ever over the cap.
+                return
+
+    def shed(self) -> None:
+        """accept() found no free descriptor (which the cap should prevent):
+        take one connection off the queue with the spare and close it, so the
+        queue keeps moving rather than the loop spinning on it."""
+        self.accept_errors.note("no free file descriptor (%d connections open)" % len(self.connections))
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None
+            try:
+                sock, _ = self.listener.accept()
+                sock.close()
+            except OSError:
+                pass
+            try:
+                self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        if self.spare is None:
+            # Not even that: rest a moment instead of spinning.
+            self.loop.remove_reader(self.listener.fileno())
+            self.loop.call_later(0.1, self.loop.add_reader, self.listener.fileno(), self.accept)
+
+    def admit(self, sock: socket.socket, client: str) -> bool:
+        """Serve the connection, or refuse it at once; True where another was cut for it."""
+        source = source_of(client)
+        mine = self.by_source.get(source)
+        held = len(mine) if mine else 0
+        evicted = False
+        if held >= self.opts.max_connections_per_source:
+            self.refuse(sock, BUSY_SOURCE, "%s holds %d connections (the limit per address)" % (source, held))
+            return False
+        if len(self.connections) >= self.max_connections:
+            busiest = max(self.by_source.values(), key=len)
+            # Only where that makes the shares more even: otherwise two
+            # addresses would take a slot from each other in turn.
+            if len(busiest) <= held + 1:
+                self.refuse(sock, BUSY, "%d connections open (the limit); %s holds %d" % (
+                    len(self.connections), source, held))
+                return False
+            next(iter(busiest)).evict()
+            evicted = True
+        conn = Connection(self, client, source)
+        self.connections.add(conn)
+        self.by_source.setdefault(source, {})[conn] = None
+        self.loop.create_task(self.connect(conn, sock))
+        return evicted
+
+    async def connect(self, conn: Connection, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: conn, sock)
+        except Exception as e:  # e.g. the client reset the connection already
+            self.forget(conn)
+            sock.close()
+            self.accept_errors.note("%s: %s" % (conn.client, type(e).__name__))
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        mine = self.by_source.get(conn.source)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.by_source[conn.source]
+
+    def refuse(self, sock: socket.socket, response: Response, why: str) -> None:
+        """A connection over a cap: a last answer, if the client can take it
+        now, and closed at once. What it already sent is read first, so that
+        the close does not become a reset that destroys the answer."""
+        try:
+            sock.setblocking(False)
+            try:
+                sock.recv(MAX_HEAD)
+            except OSError:
+                pass
+            sock.send(response.head + http_date() + b"Connection: close\r\n\r\n" + response.body)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        self.refused.note(why)
+
+    def loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own errors (a failed write, a callback that raised): one
+        line, rate-limited; no traceback in the log for every one of them."""
+        exc = context.get("exception")
+        where = ""
+        if exc is not None:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = ": %s%s" % (type(exc).__name__, " at line %d" % tb.tb_lineno if tb else "")
+        self.loop_errors.note("%s%s" % (context.get("message", "unexpected error"), where))
 
     def listening_socket(self) -> socket.socket:
         family = socket.AF_INET6 if ipaddress.ip_address(self.opts.listen_address).version == 6 else socket.AF_INET
@@ -937,9 +1340,18 @@ def parse_args(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str
     option("wg-timeout", _positive(float), "2", "seconds a wg call may take")
     option("request-timeout", _positive(float), "5",
            "seconds a client has to send a request head (also the keep-alive idle time)")
-    option("max-connections", _positive(int), "256", "connections served at once")
+    option("max-connections", _positive(int), "1024",
+           "connections open at once, at most (and at most the open-files limit less %d)" % FD_RESERVE)
+    option("max-connections-per-source", _positive(int), "32",
+           "connections open at once from one address (IPv6: one /%d)" % IPV6_SOURCE_PREFIX)
+    option("wg-dump-socket", str, "",
+           "UNIX socket of the dump helper: read the dump (without keys) there instead of running wg")
     option("log-requests", _flag, "false", "log one line per request to stderr",
            nargs="?", const=True, metavar="BOOL")
+    parser.add_argument("--dump-helper", action="store_true",
+                        help="be the dump helper (as root, with CAP_NET_ADMIN): answer each connection to "
+                             "--wg-dump-socket (or the socket systemd passes) with `wg show <interface> dump`, "
+                             "the private and preshared keys replaced by %s" % HIDDEN)
     parser.add_argument("--probe", action="store_true",
                         help="ask a running service's /health and exit 0 if healthy (for container health checks)")
     return parser.parse_args(argv)
@@ -965,13 +1377,15 @@ def serve(opts: argparse.Namespace) -> int:
     server = StatusServer(opts, loop)
     try:
         sock = server.listening_socket()
+        server.start(sock)
     except OSError as e:
         log("cannot listen on %s port %d: %s" % (opts.listen_address, opts.listen_port, e.strerror or e))
         return 1
-    # A backlog big enough that a hundred clients connecting at once see no SYN drops.
-    listener = loop.run_until_complete(loop.create_server(lambda: Connection(server), sock=sock, backlog=1024))
     host, port = sock.getsockname()[:2]
-    log("listening on %s port %d, interface %s" % (host, port, opts.interface))
+    log("listening on %s port %d, interface %s, %s; at most %d connections, %d per address "
+        "(open files limit %d)" % (host, port, opts.interface,
+                                   "dump from " + opts.wg_dump_socket if opts.wg_dump_socket else "running " + opts.wg,
+                                   server.max_connections, opts.max_connections_per_source, server.fd_limit))
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
@@ -979,10 +1393,8 @@ def serve(opts: argparse.Namespace) -> int:
     try:
         loop.run_until_complete(stop)
     finally:
-        listener.close()
-        for conn in list(server.connections):
-            conn.transport.abort()
-        pending = asyncio.all_tasks(loop)  # a reading of the node, at most
+        server.stop()
+        pending = asyncio.all_tasks(loop)  # a reading of the node, connections being set up
         for task in pending:
             task.cancel()
         if pending:
@@ -993,7 +1405,9 @@ def serve(opts: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parse_args(argv)
-    return probe(opts) if opts.probe else serve(opts)
+    if opts.probe:
+        return probe(opts)
+    return serve_dumps(opts) if opts.dump_helper else serve(opts)
 
 
 if __name__ == "__main__":

@@ -64,11 +64,17 @@ cat >"$KEYS/dstack_vpn_status.py" <<'PY'
 {{ status_program }}
 PY
 
+# The status page's helper hands it the peer dump here (see below).
+DUMP_DIR=/run/dstack-vpn-status
+DUMP_SOCKET=$DUMP_DIR/wg-dump.sock
 status_pid=
+helper_pid=
 stop() {
 	trap - TERM INT
 	say "stopping"
 	if [ -n "$status_pid" ]; then kill "$status_pid" 2>/dev/null || true; fi
+	if [ -n "$helper_pid" ]; then kill "$helper_pid" 2>/dev/null || true; fi
+	rm -rf "$DUMP_DIR"
 	wg-quick down "$KEYS/$IF.conf" >/dev/null 2>&1 || ip link del dev "$IF" 2>/dev/null || true
 	nft delete table inet dstack_vpn 2>/dev/null || true
 	rm -rf "$KEYS"
@@ -84,23 +90,34 @@ if ip link show dev "$IF" >/dev/null 2>&1; then ip link del dev "$IF"; fi
 wg-quick up "$KEYS/$IF.conf" || fail "$IF did not come up"
 say "$IF up: {{ address }} in {{ overlay }}, hub {{ hub_endpoint }}:{{ listen_port }}"
 
-# The status page runs as nobody, with only the capability to read WireGuard (and, for
-# wireguard-go's root-only socket, to open it).
-caps=+net_admin
-if [ -S "/run/wireguard/$IF.sock" ]; then caps=+net_admin,+dac_override; fi
+# The status page, in two processes. Its helper runs as root with CAP_NET_ADMIN alone (what
+# `wg show` needs; wireguard-go's socket is root's own) and answers each connection to its
+# socket with the peer dump, keys taken out; it reads nothing. The page itself answers the
+# network as nobody with no capability at all, and reads the dump there: the folder lets in
+# only root and nobody's group.
+rm -rf "$DUMP_DIR"
+mkdir -m 0710 "$DUMP_DIR"
+chgrp 65534 "$DUMP_DIR"
+start_helper() {
+	setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all,+net_admin --no-new-privs \
+		python3 -I - --dump-helper --interface "$IF" --wg-dump-socket "$DUMP_SOCKET" <"$KEYS/dstack_vpn_status.py" &
+	helper_pid=$!
+}
 start_status() {
 	setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
-		--inh-caps="-all,$caps" --ambient-caps="-all,$caps" --bounding-set="-all,$caps" \
+		--inh-caps=-all --ambient-caps=-all --bounding-set=-all \
 		python3 -I - --node-name {{ name | shquote }} --overlay-ip {{ address }} --interface "$IF" \
 		--listen-address 0.0.0.0 --listen-port {{ status_port }} --hub-public-key {{ hub_public_key | shquote }} \
-		<"$KEYS/dstack_vpn_status.py" &
+		--wg-dump-socket "$DUMP_SOCKET" <"$KEYS/dstack_vpn_status.py" &
 	status_pid=$!
 }
+start_helper
+for _ in $(seq 50); do [ -S "$DUMP_SOCKET" ] && break; sleep 0.1; done
 start_status
 say "status page on port {{ status_port }}"
 
-# Watch: the status page comes back if it stops; without the interface the container
-# ends, and its restart policy starts it again. Every 10 s one packet goes to the hub's
+# Watch: the status page and its helper come back if they stop; without the interface the
+# container ends, and its restart policy starts it again. Every 10 s one packet goes to the hub's
 # overlay address (its firewall drops it): WireGuard starts a new handshake 15 s after
 # data goes unanswered, not after keepalives, so an idle spoke finds a restarted hub
 # within about 25 s instead of at its next rekey.
@@ -109,6 +126,10 @@ while :; do
 	sleep 5 &
 	wait $! || true
 	ip link show dev "$IF" >/dev/null 2>&1 || fail "$IF is gone"
+	if ! kill -0 "$helper_pid" 2>/dev/null; then
+		say "status helper stopped; starting it again"
+		start_helper
+	fi
 	if ! kill -0 "$status_pid" 2>/dev/null; then
 		say "status page stopped; starting it again"
 		start_status

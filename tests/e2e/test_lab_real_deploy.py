@@ -24,7 +24,8 @@ LAB = "dvr"
 # resize_disk (no API action); each droplet step once (its undo went: the script runs again,
 # idempotent); every firewall (the hub's sticky table, DHCP on the underlay only, the metadata
 # service root-only on droplets); the hub's forwarding (after the ruleset); every spoke's
-# wireguard step (the nudge unit may reach only the hub's overlay address).
+# wireguard step (the nudge unit may reach only the hub's overlay address); every status step (the
+# page without capabilities, its keyless helper).
 UPGRADE_FROM = "f14878d4d9502bcdd92bf3439fb85a3c6280b0ab"
 # The network of this module runs its hub on Debian 12: the old code predates the Debian 13 hub
 # (whose wireguard-go needs the table dstack_vpn_sticky that this version adds; hub.nft).
@@ -33,7 +34,7 @@ UPGRADE_CHANGES = sorted(
     [("update", "hub"), ("update", "node-a")] +
     [("update", f"hub-{s}") for s in ("install", "forwarding", "firewall", "wireguard")] +
     [("update", f"node-a-{s}") for s in ("install", "firewall", "wireguard", "status")] +
-    [("update", f"{n}-{s}") for n in ("node-b", "node-c") for s in ("firewall", "wireguard")])
+    [("update", f"{n}-{s}") for n in ("node-b", "node-c") for s in ("firewall", "wireguard", "status")])
 
 OLD_UP = """
 import sys

@@ -418,3 +418,32 @@ def test_bad_options_are_refused(argv, env, capsys):
     with pytest.raises(SystemExit) as exited:
         svc.parse_args(argv, env)
     assert exited.value.code == 2
+
+
+# ---------------------------------------------------------------- what the dump helper hands on
+
+
+@pytest.mark.parametrize("name", ["spoke.dump", "hub.dump", "hub-fwmark.dump", "spoke-stale-peer.dump"])
+def test_the_helpers_dump_is_the_same_reading_without_keys(name):
+    text = dump(name)
+    handed_on = svc.format_dump(svc.parse_dump(text))
+    assert svc.parse_dump(handed_on) == svc.parse_dump(text)  # every field the page uses, unchanged
+    for secret in secrets_of(text):
+        assert secret not in handed_on
+    lines = handed_on.splitlines()
+    assert lines[0].split("\t")[0] == "(hidden)"
+    assert all(line.split("\t")[1] == "(hidden)" for line in lines[1:])
+    # everything else of wg's own line is there as wg wrote it
+    for ours, theirs in zip(lines[1:], text.splitlines()[1:]):
+        assert ours.split("\t")[2:] == theirs.split("\t")[2:]
+
+
+def test_the_helpers_dump_keeps_the_fwmark_in_hexadecimal():
+    handed_on = svc.format_dump(svc.parse_dump(dump("hub-fwmark.dump")))
+    assert handed_on.splitlines()[0].split("\t")[3] == dump("hub-fwmark.dump").splitlines()[0].split("\t")[3]
+
+
+def test_the_helpers_dump_of_an_interface_without_peers():
+    iface = svc.Interface(None, 0, None, ())
+    assert svc.format_dump(iface) == "(hidden)\t(none)\t0\toff\n"
+    assert svc.parse_dump(svc.format_dump(iface)) == iface

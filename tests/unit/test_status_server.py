@@ -3,13 +3,17 @@
 Each test starts `python3 -I -S status/dstack_vpn_status.py` (no site
 packages: proves it needs nothing but the standard library) on an ephemeral
 loopback port, with a stand-in `wg` (fixtures/status/wg) first on PATH that
-prints a recorded dump, fails, hangs or prints garbage on demand.
+prints a recorded dump, fails, hangs or prints garbage on demand. Some start
+the same program as the dump helper too, on a UNIX socket in the test's
+folder, and the page reading from it. Clients that must count as different
+addresses connect from other loopback addresses (127.0.0.0/8 is all local).
 """
 
 import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -21,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
+from conftest import need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "status" / "dstack_vpn_status.py"
@@ -92,6 +98,39 @@ def read_until_closed(sock) -> bytes:
         chunks.append(chunk)
 
 
+def fake_wg_env(workdir: Path, dump="spoke.dump", rebase="5", env=None) -> dict:
+    """The environment that puts the stand-in wg first on PATH."""
+    (workdir / "bin").mkdir(parents=True, exist_ok=True)
+    wg = workdir / "bin" / "wg"
+    shutil.copy(FIXTURES / "wg", wg)
+    wg.chmod(0o755)
+    environment = {
+        "PATH": "%s:%s" % (workdir / "bin", os.environ.get("PATH", "/usr/bin:/bin")),
+        "FAKE_WG_DUMP": str(FIXTURES / dump),
+        "FAKE_WG_CALLS": str(workdir / "calls"),
+        "FAKE_WG_MODE_FILE": str(workdir / "mode"),
+    }
+    if rebase is not None:
+        environment["FAKE_WG_REBASE"] = rebase
+    environment.update(env or {})
+    return environment
+
+
+def limit_open_files(n: int):
+    """A preexec_fn: the child may hold n descriptors (soft and hard), as LimitNOFILE=n gives it."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def wait_for(check, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "timed out waiting for %s" % what
+        time.sleep(0.02)
+
+
 def status_of(raw: bytes) -> int:
     match = re.match(rb"HTTP/1\.1 (\d{3}) ", raw)
     assert match, raw[:200]
@@ -109,27 +148,15 @@ def start(tmp_path):
     """start(*args, dump=..., rebase=..., env=...) -> Server; every server is stopped afterwards."""
     procs, servers = [], []
 
-    def _start(*args, dump="spoke.dump", rebase="5", env=None, hub=HUB, name="run"):
+    def _start(*args, dump="spoke.dump", rebase="5", env=None, hub=HUB, name="run", preexec_fn=None):
         workdir = tmp_path / name
-        (workdir / "bin").mkdir(parents=True)
-        wg = workdir / "bin" / "wg"
-        shutil.copy(FIXTURES / "wg", wg)
-        wg.chmod(0o755)
-        environment = {
-            "PATH": "%s:%s" % (workdir / "bin", os.environ.get("PATH", "/usr/bin:/bin")),
-            "FAKE_WG_DUMP": str(FIXTURES / dump),
-            "FAKE_WG_CALLS": str(workdir / "calls"),
-            "FAKE_WG_MODE_FILE": str(workdir / "mode"),
-        }
-        if rebase is not None:
-            environment["FAKE_WG_REBASE"] = rebase
-        environment.update(env or {})
+        environment = fake_wg_env(workdir, dump, rebase, env)
         argv = [sys.executable, "-I", "-S", str(SCRIPT), "--listen-address", "127.0.0.1", "--listen-port", "0"]
         if hub is not None:
             argv += ["--hub-public-key", hub]
         with open(workdir / "server.log", "wb") as log:
             proc = subprocess.Popen(argv + list(args), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=environment, cwd=str(workdir))
+                                    env=environment, cwd=str(workdir), preexec_fn=preexec_fn)
         procs.append(proc)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -366,7 +393,7 @@ def test_wg_garbage_output(start, mode, reason):
 
 
 def test_fifty_concurrent_requests_share_one_wg_call(start):
-    server = start()
+    server = start("--max-connections-per-source", "50")  # all from 127.0.0.1
     assert server.calls() == []  # nothing is read before someone asks
     barrier = threading.Barrier(50)
     results = []
@@ -665,3 +692,417 @@ def test_refuses_to_start_on_a_taken_port(start, tmp_path):
     result = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "--listen-address", "127.0.0.1",
                              "--listen-port", str(server.port)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "cannot listen on 127.0.0.1 port %d" % server.port in result.stderr
+
+
+# ---------------------------------------------------------------- the dump helper
+#
+# Where it is deployed, the page holds no capability: a root helper runs
+# `wg show <if> dump` for it and hands on the dump with the keys taken out
+# (templates/systemd/dstack-vpn-status-helper.*, the dstack entrypoint).
+
+
+class Helper:
+    def __init__(self, proc, path, workdir):
+        self.proc, self.path, self.workdir = proc, path, workdir
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "helper.log").read_text()
+
+    def calls(self) -> list:
+        path = self.workdir / "calls"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def set_mode(self, mode: str) -> None:
+        (self.workdir / "mode").write_text(mode)
+
+    def ask(self, send: bytes = b"") -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.path))
+            if send:
+                try:
+                    sock.sendall(send)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # it answers without reading and closes
+            chunks = []
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""  # closed with what we sent unread: after its answer
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+
+@pytest.fixture
+def start_helper(tmp_path):
+    """start_helper(*args, name=..., wrap=[...]) -> Helper: the program as the dump helper, as
+    this user, on <tmp>/<name>/run/wg-dump.sock (or under a wrapper such as systemd-socket-activate)."""
+    procs = []
+
+    def _start(*args, name="helper", wrap=(), dump="spoke.dump", wait=True):
+        workdir = tmp_path / name
+        environment = fake_wg_env(workdir, dump)
+        (workdir / "run").mkdir(exist_ok=True)
+        path = workdir / "run" / "wg-dump.sock"
+        argv = [*wrap, sys.executable, "-I", "-S", str(SCRIPT), "--dump-helper", "--wg-dump-socket", str(path),
+                *args]
+        with open(workdir / "helper.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment,
+                                    cwd=str(workdir))
+        procs.append(proc)
+        helper = Helper(proc, path, workdir)
+        if wait:
+            wait_for(lambda: path.exists() and "dump helper: " in helper.log or proc.poll() is not None,
+                     what="the helper's socket")
+            assert proc.poll() is None, helper.log
+        return helper
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(5)
+
+
+def test_dump_helper_hands_on_the_dump_without_keys(start_helper):
+    helper = start_helper()
+    answer = helper.ask().decode()
+    status, _, dump = answer.partition("\n")
+    assert status == "ok"
+    lines = dump.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("(hidden)\t")
+    assert [line.split("\t")[:2] for line in lines[1:]] == [[k, "(hidden)"] for k in (HUB, HUB2, BARE, SILENT)]
+    for secret in SECRETS:
+        assert secret in (FIXTURES / "spoke.dump").read_text()  # the fixture really holds it
+        assert secret not in answer and secret not in helper.log
+    assert oct(os.stat(helper.path).st_mode & 0o777) == "0o666"  # the folder decides who gets in
+    assert helper.calls()[0].split()[1:] == ["show", "wg0", "dump"]
+
+
+def test_dump_helper_passes_on_why_wg_failed(start_helper):
+    helper = start_helper()
+    helper.set_mode("fail")
+    assert helper.ask() == b"error `wg show wg0 dump` exited 1: Unable to access interface: Operation not permitted\n"
+    time.sleep(0.6)
+    helper.set_mode("garbage")
+    answer = helper.ask().decode()
+    assert answer.startswith("error cannot parse wg output: line 1 has 2 tab-separated fields") and "html" not in answer
+
+
+def test_dump_helper_reads_nothing_and_runs_wg_at_most_twice_a_second(start_helper):
+    helper = start_helper()
+    first = helper.ask()
+    answers = [helper.ask(b"GET /private-key HTTP/1.1\r\n\r\n" * i) for i in range(20)]
+    assert answers == [first] * 20  # whatever a client sends, the same answer
+    assert len(helper.calls()) <= 2
+    time.sleep(0.6)
+    helper.ask()
+    assert len(helper.calls()) <= 3
+    assert helper.proc.poll() is None
+
+
+def test_dump_helper_under_systemd_socket_activation(tmp_path):
+    # systemd-socket-activate makes the socket and passes it as fd 3 with LISTEN_PID and
+    # LISTEN_FDS, as systemd does for dstack-vpn-status-helper.socket: the helper takes it
+    # rather than a path of its own (it is given none)
+    activate = need_tool("systemd-socket-activate")
+    path = tmp_path / "activated.sock"
+    env = fake_wg_env(tmp_path)
+    passed = [arg for name, value in env.items() for arg in ("-E", "%s=%s" % (name, value))]
+    with open(tmp_path / "helper.log", "wb") as log:
+        proc = subprocess.Popen([activate, "-l", str(path), *passed, sys.executable, "-I", "-S", str(SCRIPT),
+                                 "--dump-helper", "--wg-dump-socket", ""], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, env=env)
+    try:
+        wait_for(path.exists, what="systemd-socket-activate's socket")
+        helper = Helper(proc, path, tmp_path)
+        assert helper.ask().startswith(b"ok\n(hidden)\t")
+        assert helper.ask().startswith(b"ok\n(hidden)\t")  # the same process, still listening
+        assert len(helper.calls()) == 1
+        assert "dump helper: `wg show wg0 dump` without keys on %s" % path in helper.log
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_dump_helper_takes_over_a_stale_socket_and_removes_its_own(start_helper, tmp_path):
+    (tmp_path / "helper" / "run").mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "helper" / "run" / "wg-dump.sock"))  # as a killed helper leaves it
+    stale.close()
+    helper = start_helper()
+    assert helper.ask().startswith(b"ok\n")
+    helper.proc.send_signal(signal.SIGTERM)
+    assert helper.proc.wait(5) == 0
+    assert not helper.path.exists()
+
+
+def test_dump_helper_never_removes_what_is_not_a_socket(start_helper, tmp_path):
+    (tmp_path / "helper" / "run").mkdir(parents=True)
+    precious = tmp_path / "helper" / "run" / "wg-dump.sock"
+    precious.write_text("not a socket")
+    helper = start_helper(wait=False)
+    assert helper.proc.wait(10) == 1
+    assert "dump helper: cannot listen on %s" % precious in helper.log
+    assert precious.read_text() == "not a socket"
+
+
+def test_page_reads_the_dump_from_the_helper(start, start_helper):
+    direct = start("--node-name", "node-a", name="direct").get_json("/status")
+    helper = start_helper()
+    server = start("--node-name", "node-a", "--wg-dump-socket", str(helper.path), name="page",
+                   env={"PATH": "/nonexistent"})  # it runs no wg of its own
+    status, doc = server.get_json("/status")
+    assert status == 200
+    assert direct[0] == 200
+    ignore = {"time", "max_last_handshake_sec", "disk_free_gb"}
+    peers = [{k: v for k, v in p.items() if k != "last_handshake_sec"} for p in doc["peers"]]
+    assert peers == [{k: v for k, v in p.items() if k != "last_handshake_sec"} for p in direct[1]["peers"]]
+    assert {k: v for k, v in doc.items() if k not in ignore | {"peers"}} == \
+        {k: v for k, v in direct[1].items() if k not in ignore | {"peers"}}
+    assert server.get_json("/health") == (200, {"ok": True})
+    assert server.calls() == [] and len(helper.calls()) == 1
+    texts = [server.request(p)[2].decode() for p in ("/status", "/metrics", "/health")] + [server.log]
+    for secret in SECRETS:
+        assert not [t for t in texts if secret in t]
+    # wg failing in the helper: the page says why, as if it had run wg itself
+    helper.set_mode("fail")
+    time.sleep(STALE)
+    status, doc = server.get_json("/status")
+    assert status == 503
+    assert doc["reason"] == "`wg show wg0 dump` exited 1: Unable to access interface: Operation not permitted"
+
+
+def test_page_without_its_helper_says_so_and_recovers(start, start_helper, tmp_path):
+    path = tmp_path / "helper" / "run" / "wg-dump.sock"
+    server = start("--wg-dump-socket", str(path))
+    status, doc = server.get_json("/health")
+    assert status == 503
+    assert doc["reason"] == "cannot reach the dump helper at %s: No such file or directory" % path
+    start_helper()
+    time.sleep(STALE)
+    assert server.get_json("/health") == (200, {"ok": True})
+    assert "Traceback" not in server.log
+
+
+def test_page_does_not_wait_forever_for_a_hung_helper(start, tmp_path):
+    path = tmp_path / "hung.sock"
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(str(path))
+    hung.listen(5)  # accepts (in the kernel) and never answers
+    try:
+        server = start("--wg-dump-socket", str(path), "--wg-timeout", "1")
+        started = time.monotonic()
+        status, doc = server.get_json("/health")
+        assert time.monotonic() - started < 4
+        assert status == 503 and doc["reason"] == "the dump helper at %s did not answer within 2 s" % path
+    finally:
+        hung.close()
+
+
+# ---------------------------------------------------------------- caps on connections
+
+
+def connect_from(server, source: str, timeout=10) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=timeout, source_address=(source, 0))
+
+
+def get_from(server, source: str, path="/health", timeout=10) -> "tuple[int, bytes, float]":
+    started = time.monotonic()
+    with connect_from(server, source, timeout) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path.encode())
+        raw = read_until_closed(sock)
+    return status_of(raw), raw, time.monotonic() - started
+
+
+def closed_at_once(sock, within=1.0) -> bytes:
+    """What the server said before closing `sock`, which must happen within `within` s."""
+    sock.settimeout(within)
+    try:
+        return read_until_closed(sock)
+    except ConnectionResetError:
+        return b"(reset)"
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def log_lines(server, word: str) -> list:
+    return [line for line in server.log.splitlines() if word in line]
+
+
+def test_connections_over_the_per_source_cap_are_closed_at_once(start):
+    server = start("--max-connections-per-source", "4")
+    held = [connect_from(server, "127.0.0.2") for _ in range(4)]
+    try:
+        wait_for(lambda: fd_count(server.proc.pid) >= 4 + 6, what="the server to hold 4 connections")
+        for _ in range(100):
+            with connect_from(server, "127.0.0.2") as extra:
+                started = time.monotonic()
+                raw = closed_at_once(extra)
+                assert time.monotonic() - started < 1
+                assert status_of(raw) == 503 and body_of(raw) == {"error": "too many connections from your address"}
+        # another address is not held back by that one
+        assert get_from(server, "127.0.0.3")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: get_from(server, "127.0.0.2")[0] == 200, what="the address's slots to be given back")
+    # a hundred refusals: one line in the log, no traceback
+    assert len(log_lines(server, "refusing connections")) == 1, server.log
+    assert "127.0.0.2 holds 4 connections (the limit per address)" in server.log
+    assert "Traceback" not in server.log
+
+
+def test_a_new_address_gets_in_when_every_connection_is_taken(start):
+    server = start("--max-connections", "6", "--max-connections-per-source", "4")
+    heavy = [connect_from(server, "127.0.0.2") for _ in range(4)]
+    light = [connect_from(server, "127.0.0.3") for _ in range(2)]
+    newcomer = connect_from(server, "127.0.0.4")
+    try:
+        time.sleep(0.3)
+        # all six taken: a third address gets in (and stays, keep-alive); the busiest
+        # address's oldest connection made room
+        newcomer.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert status_of(newcomer.recv(65536)) == 200
+        assert closed_at_once(heavy[0]) in (b"", b"(reset)")
+        # the light address holds 2 and the busiest now 3: taking from it would not make them more even
+        with connect_from(server, "127.0.0.3") as extra:
+            raw = closed_at_once(extra)
+        assert status_of(raw) == 503 and body_of(raw) == {"error": "too many connections"}
+        for sock in heavy[1:] + light:
+            sock.settimeout(0.2)
+            with pytest.raises(socket.timeout):
+                sock.recv(10)  # still open: not evicted
+    finally:
+        for sock in heavy + light + [newcomer]:
+            sock.close()
+    assert "Traceback" not in server.log
+
+
+def raise_own_open_files(n: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        if hard != resource.RLIM_INFINITY and hard < n:
+            pytest.fail("this test opens %d sockets; the open-files hard limit is %d" % (n, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+
+def test_1500_connections_against_1024_descriptors(start):
+    """More connections than the process may have descriptors: it keeps accepting (and closing
+    what is over its cap), holds a bounded number of descriptors, and still answers a new address."""
+    need_tool("ss")
+    raise_own_open_files(4096)
+    server = start("--request-timeout", "60", preexec_fn=limit_open_files(1024))
+    cap = int(re.search(r"at most (\d+) connections, 32 per address \(open files limit 1024\)", server.log).group(1))
+    assert cap == 1024 - 64
+    base = fd_count(server.proc.pid)
+    clients = []
+    try:
+        for i in range(1500):  # 50 addresses, 30 each: under the per-address cap, over the total
+            clients.append(connect_from(server, "127.0.1.%d" % (1 + i // 30)))
+        time.sleep(1.0)
+        # everything was accepted (nothing waits in the listen queue) ...
+        queue = subprocess.run(["ss", "-Hltn", "sport = :%d" % server.port], capture_output=True, text=True).stdout
+        assert queue.split()[1] == "0", queue
+        # ... the server holds at most its cap ...
+        assert fd_count(server.proc.pid) <= base + cap + 2
+        # ... and a new address is answered at once
+        status, _, seconds = get_from(server, "127.0.2.1")
+        assert status == 200 and seconds < 2
+        # those it let go, it closed: none is left hanging
+        for sock in clients:
+            sock.setblocking(False)
+        closed = 0
+        for sock in clients:
+            try:
+                closed += sock.recv(65536) is not None
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        open_ones = len(clients) - closed
+        assert cap - 50 <= open_ones <= cap
+    finally:
+        for sock in clients:
+            sock.close()
+    assert server.proc.poll() is None
+    assert "Traceback" not in server.log and not log_lines(server, "accept failed"), server.log
+    assert len(server.log.splitlines()) <= 4, server.log  # listening, one refusal line, maybe a count
+    # the descriptors are given back
+    wait_for(lambda: fd_count(server.proc.pid) <= base + 2, what="the descriptors to be closed")
+
+
+class Slowloris(threading.Thread):
+    """`count` connections from `sources`, each sending one more byte of a request head every
+    second and never finishing it; one that is closed is opened again at once."""
+
+    def __init__(self, port: int, sources, count: int):
+        super().__init__(daemon=True)
+        self.port, self.sources, self.count = port, list(sources), count
+        self.stop = threading.Event()
+        self.opened = self.closed = 0
+
+    def open(self, i):
+        source = self.sources[i % len(self.sources)]
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(source, 0))
+            sock.sendall(b"GET /status HTTP/1.1\r\n")
+            sock.setblocking(False)
+            self.opened += 1
+            return sock
+        except OSError:
+            return None
+
+    def run(self) -> None:
+        socks = [self.open(i) for i in range(self.count)]
+        while not self.stop.wait(1.0):
+            for i, sock in enumerate(socks):
+                try:
+                    if sock is None:
+                        raise OSError
+                    try:
+                        if sock.recv(65536) == b"":
+                            raise OSError  # the server closed it
+                    except BlockingIOError:
+                        pass
+                    sock.send(b"X")
+                except OSError:
+                    if sock is not None:
+                        sock.close()
+                        self.closed += 1
+                    socks[i] = self.open(i)
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+
+
+def test_slowloris_cannot_hold_down_health(start):
+    raise_own_open_files(2048)
+    server = start()  # the defaults: 5 s for a request head, 32 connections per address
+    base = fd_count(server.proc.pid)
+    attack = Slowloris(server.port, ["127.0.4.%d" % i for i in range(1, 21)], 1000)  # 50 per address
+    attack.start()
+    latencies, statuses, peak = [], [], 0
+    try:
+        time.sleep(1.0)
+        deadline = time.monotonic() + 8  # past the 5 s a head may take: the cut ones come back
+        while time.monotonic() < deadline:
+            status, _, seconds = get_from(server, "127.0.5.1")
+            statuses.append(status)
+            latencies.append(seconds)
+            peak = max(peak, fd_count(server.proc.pid))
+            time.sleep(0.1)
+    finally:
+        attack.stop.set()
+        attack.join(30)
+    assert attack.opened > 1000 and attack.closed > 300  # the attack ran, and was cut and came back
+    assert statuses == [200] * len(statuses) and len(statuses) > 20
+    assert max(latencies) < 2.0, sorted(latencies)[-5:]
+    assert peak <= base + 20 * 32 + 16  # 32 per address; a reading's pipes, the probe, one being cut
+    assert "Traceback" not in server.log
+    assert len(log_lines(server, "refusing connections")) <= 2, server.log

@@ -1,9 +1,13 @@
-"""The status service's systemd unit template, rendered as the program renders it.
+"""The status service's systemd units, rendered as the program renders them.
 
 Rendered by the project's own rendering module (components/render.py:
 StrictUndefined, its own comment delimiters, trim_blocks) and checked by the
-real tools: `systemd-analyze verify` on the rendered unit, and the rendered
-ExecStart command line run against the real program.
+real tools: `systemd-analyze verify` on the rendered units, and the rendered
+ExecStart command lines run against (or parsed by) the real program.
+
+Two units and a socket: the page (dstack-vpn-status.service, no capability)
+and its root helper (dstack-vpn-status-helper.socket and .service), which
+hands the page the peer dump without keys.
 """
 
 import os
@@ -23,6 +27,9 @@ from conftest import need_tool
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates" / "systemd"
 TEMPLATE = "dstack-vpn-status.service"
+HELPER_SOCKET = "dstack-vpn-status-helper.socket"
+HELPER_SERVICE = "dstack-vpn-status-helper.service"
+DUMP_SOCKET = "/run/dstack-vpn-status/wg-dump.sock"
 SCRIPT = ROOT / "status" / "dstack_vpn_status.py"
 PYTHON3 = "/usr/bin/python3"  # the interpreter the unit names
 
@@ -97,16 +104,22 @@ def test_hardening_and_ordering_directives():
     assert "wg-quick@wg7.service" in " ".join(unit["Unit"]["After"]).split()
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
     assert one("DynamicUser") == "yes"
-    assert one("AmbientCapabilities") == "CAP_NET_ADMIN"
-    assert one("CapabilityBoundingSet") == "CAP_NET_ADMIN"
+    # no capability at all: empty assignments, so that nothing is inherited or added elsewhere
+    assert one("AmbientCapabilities") == ""
+    assert one("CapabilityBoundingSet") == ""
     assert one("NoNewPrivileges") == "yes"
+    assert one("SupplementaryGroups") == "dstack-vpn-wg-dump"  # may open the helper's socket
     assert one("ProtectSystem") == "strict"
     assert one("ProtectHome") == "yes"
     assert one("PrivateTmp") == "yes"
-    assert set(one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+    assert set(one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}  # no netlink
+    assert set(one("InaccessiblePaths").split()) == {"-/etc/wireguard", "-/run/wireguard"}
+    assert one("LimitNOFILE") == "4096"
     assert one("Restart") == "on-failure"
     assert "User" not in service and "PrivateUsers" not in service and "PrivateNetwork" not in service
     assert service.get("ProtectProc", ["default"]) == ["default"]  # "invisible" would hide PostgreSQL
+    assert "dstack-vpn-status-helper.socket" in " ".join(unit["Unit"]["Wants"]).split()
+    assert "dstack-vpn-status-helper.socket" in " ".join(unit["Unit"]["After"]).split()
 
 
 def test_exec_start_passes_every_value():
@@ -116,7 +129,8 @@ def test_exec_start_passes_every_value():
     assert options == {
         "--node-name": "node-a", "--overlay-ip": "10.88.0.11", "--interface": "wg0",
         "--listen-address": "::", "--listen-port": "8123",
-        "--hub-public-key": "srhWIN5T+BTQx1LV1XJDrZdCeAA6V0kqz7fUIVkXyUw="}
+        "--hub-public-key": "srhWIN5T+BTQx1LV1XJDrZdCeAA6V0kqz7fUIVkXyUw=",
+        "--wg-dump-socket": DUMP_SOCKET}
 
 
 def test_values_systemd_would_interpret_are_escaped():
@@ -168,3 +182,74 @@ def test_rendered_command_line_is_accepted_by_the_program(tmp_path):
                             timeout=30, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     assert result.returncode == 1, result.stderr
     assert "cannot reach 127.0.0.1 port %d" % port in result.stdout
+
+
+# ---------------------------------------------------------------- the helper
+
+
+HELPER_VARIABLES = {"install_dir", "interface"}
+
+
+def render_helper(name: str, **overrides) -> str:
+    values = {k: VARIABLES[k] for k in HELPER_VARIABLES}
+    return renderer.render("systemd/" + name, **dict(values, **overrides))
+
+
+def test_helper_templates_use_only_the_install_dir_and_interface():
+    for name in (HELPER_SOCKET, HELPER_SERVICE):
+        source = (TEMPLATES / name).read_text()
+        assert jinja2.meta.find_undeclared_variables(renderer.environment().parse(source)) <= HELPER_VARIABLES
+    with pytest.raises(jinja2.UndefinedError):
+        renderer.render("systemd/" + HELPER_SERVICE, install_dir="/x")
+
+
+def test_helper_socket_lets_in_root_and_the_page_only():
+    socket_unit = parse_unit(render_helper(HELPER_SOCKET))["Socket"]
+    page = parse_unit(render())["Service"]
+    assert socket_unit["ListenStream"] == [DUMP_SOCKET]
+    assert (socket_unit["SocketUser"], socket_unit["SocketGroup"], socket_unit["SocketMode"]) == (
+        ["root"], page["SupplementaryGroups"], ["0660"])
+    assert socket_unit["Accept"] == ["no"]  # one helper process, not one per request
+    assert socket_unit["RemoveOnStop"] == ["yes"]
+
+
+def test_helper_service_is_root_with_net_admin_only():
+    unit = parse_unit(render_helper(HELPER_SERVICE, interface="wg7"))
+    service = unit["Service"]
+    assert "User" not in service and "DynamicUser" not in service  # root: wireguard-go's socket is root's own
+    assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    assert service["AmbientCapabilities"] == [""]
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert set(service["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_NETLINK"}
+    assert service["IPAddressDeny"] == ["any"]
+    assert service["InaccessiblePaths"] == ["-/etc/wireguard"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert unit["Unit"]["Requires"] == [HELPER_SOCKET]
+    assert "Install" not in unit  # started by its socket only
+
+
+def test_helper_command_line_is_the_programs_dump_helper(tmp_path):
+    argv = exec_start_argv(parse_unit(render_helper(HELPER_SERVICE, interface='wg"7')))
+    assert argv[:3] == [PYTHON3, "-I", "/usr/local/lib/dstack-vpn/dstack_vpn_status.py"]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dstack_vpn_status_unit", SCRIPT)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    with pytest.raises(SystemExit):  # not an interface name: refused, not passed on to wg
+        program.parse_args(argv[3:], environ={})
+    opts = program.parse_args(exec_start_argv(parse_unit(render_helper(HELPER_SERVICE)))[3:], environ={})
+    assert (opts.dump_helper, opts.interface, opts.wg_dump_socket) == (True, "wg0", DUMP_SOCKET)
+
+
+def test_systemd_analyze_verify_helper_units(tmp_path):
+    analyze = need_tool("systemd-analyze")
+    install_dir = tmp_path / "lib" / "dstack-vpn"
+    install_dir.mkdir(parents=True)
+    shutil.copy(SCRIPT, install_dir / "dstack_vpn_status.py")
+    paths = []
+    for name in (HELPER_SOCKET, HELPER_SERVICE):
+        path = tmp_path / name
+        path.write_text(render_helper(name, install_dir=str(install_dir)))
+        paths.append(str(path))
+    result = subprocess.run([analyze, "verify", *paths], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
