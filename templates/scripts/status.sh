@@ -59,3 +59,23 @@ else
 	echo $! >/run/dstack-vpn-status.pid
 	say "status service on port {{ listen_port }} (plain processes; no systemd here)"
 fi
+
+# The page must really answer as this node: a port already taken by another program, or a
+# page that cannot start, fails the step instead of passing for a running service.
+for _ in $(seq 60); do
+	if python3 -I - {{ listen_port }} {{ node_name | shquote }} <<'PY'
+import json, sys, urllib.request
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=2) as answer:
+        sys.exit(0 if json.load(answer).get("node") == sys.argv[2] else 1)
+except Exception:
+    sys.exit(1)
+PY
+	then
+		exit 0
+	fi
+	sleep 0.25
+done
+say "the status page does not answer on port {{ listen_port }} as {{ node_name }} (port taken by another program?)" >&2
+if have_systemd; then journalctl -u dstack-vpn-status.service -n 5 --no-pager -o cat >&2 || true; fi
+exit 1

@@ -388,3 +388,25 @@ def test_only_root_reaches_the_metadata_service_on_droplets(net, node, blocked):
     finally:
         ssh(net, node, f"kill $(cat /run/lab-metadata.pid); rm -f /run/lab-metadata.pid; "
                        f"ip addr del {METADATA}/32 dev lo")
+
+
+def test_a_status_page_that_cannot_listen_fails_its_step(net):
+    """The status step checks the page answers as its node: a port another program holds fails
+    the step (it used to pass while the unit looped on its failure to bind)."""
+    from lab.engine import EngineError
+
+    listen(net, "node-b", 9000)
+    try:
+        with pytest.raises(EngineError) as err:
+            net.engine.up(net.settings(statusPort=9000), continue_on_error=True)
+        assert "node-b-status" in str(err.value) and "does not answer on port 9000" in str(err.value)
+        assert "node-c-status" not in str(err.value)
+    finally:
+        unlisten(net, "node-b", 9000)
+    # the failed step kept its state (8000): with the port free, the same change now converges,
+    # and then everything goes back to 8000
+    net.up(statusPort=9000)
+    assert ssh(net, "node-b", "ss -ltnH 'sport = :9000' | grep -q .").returncode == 0
+    net.up()
+    assert wait_until(lambda: all(net.reachability().values()), 30)
+    assert ssh(net, "node-b", "ss -ltnH 'sport = :8000' | grep -q .").returncode == 0

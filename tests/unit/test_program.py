@@ -266,3 +266,15 @@ def test_a_spoke_tunnel_comes_up_after_the_hub_knows_the_spoke(example):
     for node in ("node-a", "node-b", "node-c"):
         assert hub_peer_step in example.named(f"{node}-wireguard").dependencies
         assert hub_peer_step not in example.named(f"{node}-install").dependencies
+
+
+def test_an_unchecked_host_key_warns_that_keys_go_over_that_connection(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda msg, *a, **k: warnings.append(msg))
+    spokes = program.stack_config()["spokes"]
+    del spokes[1]["hostKey"]
+    spokes[1]["allowUnknownHostKey"] = True
+    program.run(settings(spokes=spokes))
+    (warning,) = [w for w in warnings if "node-b" in w]
+    assert "WireGuard private and preshared keys, which are sent over that unchecked connection" in warning
+    assert "ssh-keyscan -t ed25519" in warning
