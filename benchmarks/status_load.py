@@ -56,6 +56,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lab.slowloris import Slowloris  # noqa: E402
+
 SCRIPT = ROOT / "status" / "dstack_vpn_status.py"
 FIXTURES = ROOT / "tests" / "unit" / "fixtures" / "status"
 HUB = "srhWIN5T+BTQx1LV1XJDrZdCeAA6V0kqz7fUIVkXyUw="
@@ -217,43 +220,12 @@ def slowloris(port: int, sockets: int, sources: int, stop_at: float, results) ->
     """The attack, in a process of its own: `sockets` connections from `sources` addresses,
     one byte of a head each per second, reopened when cut. Puts (opened, cut) on `results`."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (sockets + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    opened = cut = 0
-
-    def connect(i):
-        nonlocal opened
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=2,
-                                            source_address=("127.0.1.%d" % (1 + i % sources), 0))
-            sock.sendall(b"GET /health HTTP/1.1\r\n")
-            sock.setblocking(False)
-            opened += 1
-            return sock
-        except OSError:
-            return None
-
-    socks = [connect(i) for i in range(sockets)]
-    while time.perf_counter() < stop_at:
-        tick = time.perf_counter()
-        for i, sock in enumerate(socks):
-            try:
-                if sock is None:
-                    raise OSError
-                try:
-                    if sock.recv(65536) == b"":
-                        raise OSError  # closed by the server
-                except BlockingIOError:
-                    pass
-                sock.send(b"X")
-            except OSError:
-                if sock is not None:
-                    sock.close()
-                    cut += 1
-                socks[i] = connect(i) if time.perf_counter() < stop_at else None
-        time.sleep(max(0.0, 1.0 - (time.perf_counter() - tick)))
-    for sock in socks:
-        if sock is not None:
-            sock.close()
-    results.put((opened, cut))
+    attack = Slowloris(port, ["127.0.1.%d" % (1 + i) for i in range(sources)], sockets, path="/health")
+    attack.start()
+    time.sleep(max(0.0, stop_at - time.perf_counter()))
+    attack.stop.set()
+    attack.join(30)
+    results.put((attack.opened, attack.closed))
 
 
 def slowloris_phase(proc: subprocess.Popen, port: int, args) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need_tool
+from lab.slowloris import Slowloris
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "status" / "dstack_vpn_status.py"
@@ -1035,50 +1036,6 @@ def test_1500_connections_against_1024_descriptors(start):
     assert len(server.log.splitlines()) <= 4, server.log  # listening, one refusal line, maybe a count
     # the descriptors are given back
     wait_for(lambda: fd_count(server.proc.pid) <= base + 2, what="the descriptors to be closed")
-
-
-class Slowloris(threading.Thread):
-    """`count` connections from `sources`, each sending one more byte of a request head every
-    second and never finishing it; one that is closed is opened again at once."""
-
-    def __init__(self, port: int, sources, count: int):
-        super().__init__(daemon=True)
-        self.port, self.sources, self.count = port, list(sources), count
-        self.stop = threading.Event()
-        self.opened = self.closed = 0
-
-    def open(self, i):
-        source = self.sources[i % len(self.sources)]
-        try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(source, 0))
-            sock.sendall(b"GET /status HTTP/1.1\r\n")
-            sock.setblocking(False)
-            self.opened += 1
-            return sock
-        except OSError:
-            return None
-
-    def run(self) -> None:
-        socks = [self.open(i) for i in range(self.count)]
-        while not self.stop.wait(1.0):
-            for i, sock in enumerate(socks):
-                try:
-                    if sock is None:
-                        raise OSError
-                    try:
-                        if sock.recv(65536) == b"":
-                            raise OSError  # the server closed it
-                    except BlockingIOError:
-                        pass
-                    sock.send(b"X")
-                except OSError:
-                    if sock is not None:
-                        sock.close()
-                        self.closed += 1
-                    socks[i] = self.open(i)
-        for sock in socks:
-            if sock is not None:
-                sock.close()
 
 
 def test_slowloris_cannot_hold_down_health(start):
