@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import need_root
+from labnet import lab_network
 from lab.probe import Probe
 
 # What the program may touch on a host, listed before the first `up` and after `destroy`.
@@ -23,13 +23,7 @@ LISTING = ("set +e; ls -lA --time-style=+ /etc/wireguard /etc/dstack-vpn /usr/lo
 
 @pytest.fixture(scope="module")
 def net():
-    need_root("the lab")
-    from lab.network import LabNetwork
-
-    network = LabNetwork(name="dvc", log=lambda *_: None)
-    try:
-        network.lab.cleanup_stale()
-        network.lab.prepare()
+    with lab_network("dvc") as network:
         settings = network.settings()  # boots the `ssh` spokes' hosts, untouched so far
         network.rotations = {}
         network.before = {n: network.lab.ssh(n, LISTING, timeout=30).stdout for n in ("node-b", "node-c")}
@@ -38,8 +32,6 @@ def net():
         network.run_dstack_apps(network.engine.result.outputs)
         network.wait_converged(30)
         yield network
-    finally:
-        network.down()
 
 
 def spokes(net, *extra, without=()):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need_root, need_tool
+from conftest import need_tool
+from labnet import lab_network
 from probes import probe
 
 UNDERLAY_TCP = [22, 80, 443, 5432, 8000, 8080, 9000, 51820]
@@ -22,21 +23,14 @@ UNDERLAY_UDP = [53, 123, 9000, 51821]
 
 @pytest.fixture(scope="module")
 def net():
-    need_root("the lab")
     need_tool("ip")
-    from lab.network import LabNetwork
-
-    network = LabNetwork(name="dve", log=lambda *_: None)
-    try:
-        network.lab.cleanup_stale()
+    with lab_network("dve") as network:
         t0 = time.monotonic()
         with CommandLines() as lines:  # every process's arguments while the steps run
             network.first_up = network.up()
         network.first_up_seconds = time.monotonic() - t0
         network.command_lines = lines.seen
         yield network
-    finally:
-        network.down()
 
 
 class CommandLines:

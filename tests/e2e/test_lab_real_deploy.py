@@ -7,7 +7,6 @@ The tests run in order on one lab network. The first deploys it with the code of
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 import time
 
 import pytest
 
-from conftest import need_root, need_tool
+from conftest import need_tool
+from labnet import lab_network
 
 DROPLET, SSH_SPOKE, DSTACK = "node-a", "node-b", "node-d"
 DUMP_SOCKET = "/run/dstack-vpn-status/wg-dump.sock"
@@ -38,22 +38,11 @@ NET_ADMIN = 1 << 12  # CAP_NET_ADMIN
 
 @pytest.fixture(scope="module")
 def net():
-    need_root("the lab")
     need_tool("ip")
-    from lab.network import LabNetwork
-
-    network = LabNetwork(name="dvs", log=lambda *_: None)
-    try:
-        network.lab.cleanup_stale()
-        network.lab.prepare()
-        settings = network.settings()
-        network.engine.up(settings)
-        network.save_outputs(network.engine.result.outputs)
-        network.run_dstack_apps(network.engine.result.outputs)
+    with lab_network("dvs") as network:
+        network.up()
         network.wait_converged(60)
         yield network
-    finally:
-        network.down()
 
 
 def ssh(net, node, command, **kw):
