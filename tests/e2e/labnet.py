@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from conftest import need_root
 
@@ -20,3 +21,13 @@ def lab_network(name: str):
         yield network
     finally:
         network.down()
+
+
+def wait_until(check, timeout: float = 30.0, step: float = 0.3):
+    """check() until it gives something true or timeout seconds pass; its last answer."""
+    end = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > end:
+            return result
+        time.sleep(step)

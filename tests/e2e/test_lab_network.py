@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need_tool
-from labnet import lab_network
+from labnet import lab_network, wait_until
 from probes import probe
 
 UNDERLAY_TCP = [22, 80, 443, 5432, 8000, 8080, 9000, 51820]
@@ -65,15 +65,6 @@ class CommandLines:
 
 def ssh(net, node, command, **kw):
     return net.lab.ssh(net.node_hosts()[node], command, timeout=30, **kw)
-
-
-def wait_until(check, timeout=30.0, step=0.3):
-    end = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > end:
-            return result
-        time.sleep(step)
 
 
 SPOKES = ("node-a", "node-b", "node-c", "node-d")

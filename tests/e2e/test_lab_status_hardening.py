@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
 
 import pytest
 
 from conftest import need_tool
-from labnet import lab_network
+from labnet import lab_network, wait_until
 
 DROPLET, SSH_SPOKE, DSTACK = "node-a", "node-b", "node-d"
 DUMP_SOCKET = "/run/dstack-vpn-status/wg-dump.sock"
@@ -91,15 +90,6 @@ def fetch(net, node, path):
     out = net.lab.op_exec(["python3", "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout
-
-
-def wait_until(check, timeout=30.0, step=0.5):
-    end = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > end:
-            return result
-        time.sleep(step)
 
 
 @pytest.mark.parametrize("node", [DROPLET, SSH_SPOKE])
