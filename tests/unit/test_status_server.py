@@ -702,20 +702,16 @@ def test_refuses_to_start_on_a_taken_port(start, tmp_path):
 # (templates/systemd/dstack-vpn-status-helper.*, the dstack entrypoint).
 
 
-class Helper:
+class Helper(Server):
+    """The dump helper: the stand-in `wg` and its log as the server's, a socket path for a port."""
+
     def __init__(self, proc, path, workdir):
-        self.proc, self.path, self.workdir = proc, path, workdir
+        super().__init__(proc, None, workdir)
+        self.path = path
 
     @property
     def log(self) -> str:
         return (self.workdir / "helper.log").read_text()
-
-    def calls(self) -> list:
-        path = self.workdir / "calls"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def set_mode(self, mode: str) -> None:
-        (self.workdir / "mode").write_text(mode)
 
     def ask(self, send: bytes = b"") -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
