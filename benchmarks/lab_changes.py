@@ -18,7 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lab import dstack  # noqa: E402
 from lab.network import LabNetwork, stack_settings  # noqa: E402
 from lab.probe import Probe  # noqa: E402
 
@@ -72,7 +71,7 @@ def main() -> None:
             return result
 
         def restart_dstack_app():
-            dstack.stop(net.node_hosts()["node-d"])
+            net.apps.stop(net.node_hosts()["node-d"])
             net.run_dstack_apps(last)
 
         rows.append(measure(net, "1 add a spoke", lambda: up(base + [NODE_E])))

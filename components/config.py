@@ -48,7 +48,8 @@ IMAGE_RE = re.compile(r"(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)
 # Phala Cloud's CVM names (its CLI's rule) and its slugs (instance types, regions, OS images).
 PHALA_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{4,62}")
 PHALA_SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-DEFAULT_CONTAINER_IMAGE = "debian:bookworm-slim"
+# What a dstack spoke's containerImage looks like (README: "The spoke image").
+IMAGE_EXAMPLE = "ghcr.io/OWNER/dstack-vpn-spoke@sha256:<64 hex digits>"
 
 TOP_LEVEL_KEYS = {
     "overlayCidr", "listenPort", "interface", "statusPort",
@@ -524,10 +525,17 @@ def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:
         if other in item:
             raise ConfigError(f"spokes[{i}].{other}: not for kind 'dstack'; the node runs the rendered app "
                               "(spokes[].phala holds where Phala Cloud runs it)")
-    image = item.get("containerImage", DEFAULT_CONTAINER_IMAGE)
+    image = item.get("containerImage")
+    if image is None:
+        raise ConfigError(f"spokes[{i}].containerImage: required for a dstack spoke: the dstack-vpn spoke image "
+                          f"by digest, e.g. {IMAGE_EXAMPLE} (README: 'The spoke image' says how to build "
+                          "and push it, or where the published one is)")
     if not isinstance(image, str) or not IMAGE_RE.fullmatch(image):
-        raise ConfigError(f"spokes[{i}].containerImage: {image!r} is not an image reference "
-                          "(e.g. debian:bookworm-slim, or pinned: debian:bookworm-slim@sha256:...)")
+        raise ConfigError(f"spokes[{i}].containerImage: {image!r} is not an image reference (e.g. {IMAGE_EXAMPLE})")
+    if "@sha256:" not in image:
+        raise ConfigError(f"spokes[{i}].containerImage: {image!r} is not pinned by digest: a tag can be moved to "
+                          "other code after the app is measured; name it as REGISTRY/NAME@sha256:<digest> "
+                          "(image/build.py prints it)")
     phala = item.get("phala")
     if phala is None:
         return dict(container_image=image)

@@ -14,6 +14,11 @@ FIREWALL_DROPIN_DIR = "/etc/systemd/system/dstack-vpn-firewall.service.d"
 STATUS_DIR = "/usr/local/lib/dstack-vpn"
 # dstack spokes: a tmpfs of the container, where the keys and the rendered files live.
 DSTACK_KEY_DIR = "/run/dstack-vpn"
+# The spoke image's status program, and the version of what its entrypoint reads from the
+# compose file (DSTACK_VPN_*): bumped when that changes, so an image and a compose file of
+# different dstack-vpn versions refuse each other by name.
+DSTACK_STATUS_PROGRAM = STATUS_DIR + "/dstack_vpn_status.py"
+DSTACK_BUNDLE = 2
 # Phala's CLI (npm `phala`), pinned: the version the deploy workflow installs and the scripts name.
 PHALA_CLI_VERSION = "1.1.18"
 # The app's encrypted environment: its only secrets.
@@ -91,7 +96,7 @@ def dstack_values(cfg: NetworkConfig, spoke: SpokeConfig, public_key: str, hub_p
                 interface=cfg.interface, listen_port=cfg.listen_port, status_port=cfg.status_port,
                 hub_address=cfg.hub.address, hub_public_key=hub_public_key, hub_endpoint=hub_endpoint,
                 public_key=public_key, preshared_key=spoke.preshared_key, key_dir=DSTACK_KEY_DIR,
-                container_image=spoke.container_image)
+                container_image=spoke.container_image, bundle=DSTACK_BUNDLE)
 
 
 def dstack_env(private_key: str, preshared_key: str | None) -> str:

@@ -68,13 +68,11 @@ def status_program() -> str:
 
 
 def dstack_compose(values: dict[str, Any]) -> str:
-    """A dstack spoke's docker-compose file: the entrypoint, with its firewall, WireGuard config
-    and the status program inside it (all public), and the environment it takes its keys from."""
+    """A dstack spoke's docker-compose file: the spoke image by digest, the node's firewall and
+    WireGuard config in its environment (all public), and the variables it takes its keys from."""
     wireguard = render("wireguard/spoke.conf", **values).rstrip("\n")
     firewall = render("nftables/dstack.nft", **values).rstrip("\n")
-    entrypoint = render("dstack/entrypoint.sh", firewall=firewall, wireguard=wireguard,
-                        status_program=status_program().rstrip("\n"), **values)
-    return render("dstack/docker-compose.yaml", entrypoint=entrypoint, **values)
+    return render("dstack/docker-compose.yaml", wireguard=wireguard, firewall=firewall, **values)
 
 
 def phala_script(action: str, **values: Any) -> str:

@@ -38,7 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import packages
+from . import cvm, packages
 from .packages import REPO_MOUNT, remove_tree, run
 
 DEFAULT_LAB_DIR = "/var/lib/dstack-vpn-lab"
@@ -659,9 +659,13 @@ class Lab:
         with self._lock:
             self._load_hosts()
             hosts = list(self.hosts.values())
+            errors = []
+            try:  # the dstack apps first: their containers live in the hosts' namespaces
+                cvm.Engine(self).close()
+            except Exception as e:
+                errors.append(f"container engine: {e}")
             for host in hosts:  # all guests shut down in parallel
                 host._request_poweroff()
-            errors = []
             for host in hosts:
                 try:
                     host.destroy()

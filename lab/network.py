@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import dstack
+from . import cvm
 from .cloud import Cloud
 from .engine import Result
 from .hosts import Host, Lab
@@ -46,6 +46,8 @@ class LabNetwork:
         self.stack_file = stack_file
         self.cloud = Cloud(self.lab, log=log)
         self.engine = self.cloud.engine(self.lab.state_dir / "pulumi-state.json", log=log)
+        # the container engine that runs the dstack spokes' apps (not Pulumi's: self.engine)
+        self.apps = cvm.Engine(self.lab)
 
     # -- what only the lab knows ----------------------------------------------
     def deploy_key(self) -> tuple[str, str]:
@@ -79,6 +81,9 @@ class LabNetwork:
             list(pool.map(lambda h: h.wait_ssh(timeout=120), hosts))
         for spoke, host in zip(lab_spokes, hosts):
             spoke.setdefault("hostKey", host.host_key_public)
+        for spoke in spokes:  # the spoke image the lab built, by digest, as a user names theirs
+            if spoke.get("kind") == "dstack":
+                spoke.setdefault("containerImage", self.apps.image())
         settings["spokes"] = spokes
         return settings
 
@@ -91,16 +96,17 @@ class LabNetwork:
         return result
 
     def run_dstack_apps(self, outputs: dict) -> None:
-        """What a user does by hand for each dstack spoke (README): run its app with its
-        environment on a CVM; here a lab host of its own stands in for the CVM. A changed
-        bundle replaces the running app; a spoke that is gone takes its CVM with it."""
+        """What a user does for each dstack spoke (README): run its app with its environment on
+        a CVM; here a lab host of its own stands in for the CVM, and docker-compose with a
+        container engine in its network namespace for dstack's (lab/cvm.py). A changed bundle
+        replaces the running app; a spoke that is gone takes its CVM with it."""
         composes, envs = outputs.get("dstackCompose", {}), outputs.get("dstackEnv", {})
         record = self.lab.state_dir / "dstack-apps.json"
         running = json.loads(record.read_text()) if record.exists() else {}
         for name in sorted(set(running) - set(composes)):
             host = self.lab.hosts.get(name)
             if host is not None:
-                dstack.stop(host)
+                self.apps.stop(host)
                 host.destroy()
             running.pop(name)
         for name, compose in sorted(composes.items()):
@@ -109,8 +115,8 @@ class LabNetwork:
             if not host.running:
                 host.boot()
                 host.wait_ssh(timeout=120)
-            if running.get(name) != digest or dstack.state(host) not in ("active", "activating"):
-                dstack.start(host, compose, envs[name])
+            if running.get(name) != digest or not self.apps.running(host):
+                self.apps.start(host, compose, envs[name])
                 running[name] = digest
         fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -119,7 +125,7 @@ class LabNetwork:
     def down(self) -> None:
         try:
             for name in self.dstack_nodes():
-                dstack.stop(self.lab.hosts[name])
+                self.apps.stop(self.lab.hosts[name])
             if self.engine.state.records:
                 self.engine.destroy()
         finally:

@@ -1,68 +1,59 @@
-# dstack-vpn: spoke {{ name }} as a dstack app; the container's main process.
-# Rendered by dstack-vpn. This text is public (it is part of the app's compose file);
-# the keys arrive in the environment, go to 0600 files under {{ key_dir }}, and are
-# never printed. Stops cleanly on SIGTERM: no interface, rules or files of ours stay.
+#!/bin/bash
+# dstack-vpn: a dstack spoke's main process, in the spoke image (image/build.py).
+# Rendered once, when the image is built: nothing here is a node's own. The node's part
+# comes from the app's compose file (public, measured with the app) as DSTACK_VPN_*
+# variables, its keys from the app's encrypted environment. The keys go to 0600 files
+# under {{ key_dir }} and are never printed. Stops cleanly on SIGTERM: no interface, rules
+# or files of ours stay.
 set -euo pipefail
 umask 077
-export LC_ALL=C DEBIAN_FRONTEND=noninteractive
-IF={{ interface }}
+export LC_ALL=C
 KEYS={{ key_dir }}
-say() { printf 'dstack-vpn %s: %s\n' {{ name | shquote }} "$*"; }
+STATUS_PROGRAM={{ status_program }}
+say() { printf 'dstack-vpn %s: %s\n' "${DSTACK_VPN_NODE:-?}" "$*"; }
 fail() { say "$*" >&2; exit 1; }
 
+# The compose file and this image must speak the same bundle: both come from one dstack-vpn.
+[ "${DSTACK_VPN_BUNDLE:-}" = {{ bundle }} ] ||
+	fail "the compose file speaks bundle '${DSTACK_VPN_BUNDLE:-none}', this image bundle {{ bundle }}: use the image of the same dstack-vpn version (README: The spoke image)"
+for var in DSTACK_VPN_NODE DSTACK_VPN_ADDRESS DSTACK_VPN_INTERFACE DSTACK_VPN_PUBLIC_KEY DSTACK_VPN_HUB_PUBLIC_KEY \
+	DSTACK_VPN_HUB_ADDRESS DSTACK_VPN_STATUS_PORT DSTACK_VPN_WIREGUARD DSTACK_VPN_FIREWALL; do
+	[ -n "${!var:-}" ] || fail "$var is not set: the compose file dstack-vpn rendered sets it"
+done
+IF=$DSTACK_VPN_INTERFACE
+
 if [ "${DSTACK_VPN_STAGE:-}" != run ]; then
-	# The keys leave the environment first; then this script starts again without them,
+	# The keys leave the environment first; then this program starts again without them,
 	# so no process of ours keeps a key in its environment.
 	mkdir -p "$KEYS"
 	chmod 0700 "$KEYS"
 	[ -n "${DSTACK_VPN_PRIVATE_KEY:-}" ] ||
 		fail "DSTACK_VPN_PRIVATE_KEY is empty: set it in the app's encrypted environment (see the README)"
 	printf '%s\n' "$DSTACK_VPN_PRIVATE_KEY" >"$KEYS/private-key"
-{% if preshared_key %}
-	[ -n "${DSTACK_VPN_PRESHARED_KEY:-}" ] ||
-		fail "DSTACK_VPN_PRESHARED_KEY is empty: set it in the app's encrypted environment (see the README)"
-	printf '%s\n' "$DSTACK_VPN_PRESHARED_KEY" >"$KEYS/preshared-key"
-{% endif %}
-	exec env -u DSTACK_VPN_PRIVATE_KEY -u DSTACK_VPN_PRESHARED_KEY DSTACK_VPN_STAGE=run \
-		bash -c "$BASH_EXECUTION_STRING" "$0"
+	if [ -n "${DSTACK_VPN_PRESHARED_KEY:-}" ]; then
+		printf '%s\n' "$DSTACK_VPN_PRESHARED_KEY" >"$KEYS/preshared-key"
+	fi
+	exec env -u DSTACK_VPN_PRIVATE_KEY -u DSTACK_VPN_PRESHARED_KEY DSTACK_VPN_STAGE=run "$0"
 fi
 
-# What the image lacks (a plain Debian image has none of it): installed once per container.
-need=()
-for tool in wg:wireguard-tools nft:nftables ip:iproute2 python3:python3 setpriv:util-linux; do
-	command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
-done
 {% include "scripts/_kernel_wireguard.sh" %}
 if kernel_wireguard; then
 	say "kernel WireGuard"
 else
 	say "no WireGuard in this kernel: userspace wireguard-go"
-	command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
 	if [ ! -c /dev/net/tun ]; then
 		mkdir -p /dev/net
 		mknod -m 0600 /dev/net/tun c 10 200
 	fi
 fi
-if [ "${#need[@]}" -gt 0 ]; then
-	say "installing ${need[*]}"
-	apt-get -q update >/dev/null
-	apt-get -q -y install --no-install-recommends "${need[@]}" >/dev/null
-fi
 
 # The environment is not part of the app's measured identity: the key must be the one
-# this node was given, whose public half is pinned here.
-[ "$(wg pubkey <"$KEYS/private-key" 2>/dev/null)" = {{ public_key | shquote }} ] ||
-	fail "DSTACK_VPN_PRIVATE_KEY is not this node's key (its public key must be {{ public_key }})"
+# this node was given, whose public half is pinned in the compose file.
+[ "$(wg pubkey <"$KEYS/private-key" 2>/dev/null)" = "$DSTACK_VPN_PUBLIC_KEY" ] ||
+	fail "DSTACK_VPN_PRIVATE_KEY is not this node's key (its public key must be $DSTACK_VPN_PUBLIC_KEY)"
 
-cat >"$KEYS/firewall.nft" <<'NFT'
-{{ firewall }}
-NFT
-cat >"$KEYS/$IF.conf" <<'CONF'
-{{ wireguard }}
-CONF
-cat >"$KEYS/dstack_vpn_status.py" <<'PY'
-{{ status_program }}
-PY
+printf '%s\n' "$DSTACK_VPN_FIREWALL" >"$KEYS/firewall.nft"
+printf '%s\n' "$DSTACK_VPN_WIREGUARD" >"$KEYS/$IF.conf"
 
 # The status page's helper hands it the peer dump here (see below).
 DUMP_DIR=/run/dstack-vpn-status
@@ -88,7 +79,7 @@ say "firewall loaded (table inet dstack_vpn)"
 # a container restarted after a crash finds its old interface still there
 if ip link show dev "$IF" >/dev/null 2>&1; then ip link del dev "$IF"; fi
 wg-quick up "$KEYS/$IF.conf" || fail "$IF did not come up"
-say "$IF up: {{ address }} in {{ overlay }}, hub {{ hub_endpoint }}:{{ listen_port }}"
+say "$IF up: $DSTACK_VPN_ADDRESS, hub ${DSTACK_VPN_HUB_ENDPOINT:-}"
 
 # The status page, in two processes. Its helper runs as root with CAP_NET_ADMIN alone (what
 # `wg show` needs; wireguard-go's socket is root's own) and answers each connection to its
@@ -100,21 +91,22 @@ mkdir -m 0710 "$DUMP_DIR"
 chgrp 65534 "$DUMP_DIR"
 start_helper() {
 	setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all,+net_admin --no-new-privs \
-		python3 -I - --dump-helper --interface "$IF" --wg-dump-socket "$DUMP_SOCKET" <"$KEYS/dstack_vpn_status.py" &
+		python3 -I "$STATUS_PROGRAM" --dump-helper --interface "$IF" --wg-dump-socket "$DUMP_SOCKET" &
 	helper_pid=$!
 }
 start_status() {
 	setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
 		--inh-caps=-all --ambient-caps=-all --bounding-set=-all \
-		python3 -I - --node-name {{ name | shquote }} --overlay-ip {{ address }} --interface "$IF" \
-		--listen-address 0.0.0.0 --listen-port {{ status_port }} --hub-public-key {{ hub_public_key | shquote }} \
-		--wg-dump-socket "$DUMP_SOCKET" <"$KEYS/dstack_vpn_status.py" &
+		env -i PATH="$PATH" LANG=C.UTF-8 \
+		python3 -I "$STATUS_PROGRAM" --node-name "$DSTACK_VPN_NODE" --overlay-ip "$DSTACK_VPN_ADDRESS" \
+		--interface "$IF" --listen-address 0.0.0.0 --listen-port "$DSTACK_VPN_STATUS_PORT" \
+		--hub-public-key "$DSTACK_VPN_HUB_PUBLIC_KEY" --wg-dump-socket "$DUMP_SOCKET" &
 	status_pid=$!
 }
 start_helper
 for _ in $(seq 50); do [ -S "$DUMP_SOCKET" ] && break; sleep 0.1; done
 start_status
-say "status page on port {{ status_port }}"
+say "status page on port $DSTACK_VPN_STATUS_PORT"
 
 # Watch: the status page and its helper come back if they stop; without the interface the
 # container ends, and its restart policy starts it again. Every 10 s one packet goes to the hub's
@@ -135,5 +127,5 @@ while :; do
 		start_status
 	fi
 	ticks=$((ticks + 1))
-	if [ $((ticks % 2)) = 0 ]; then printf . 2>/dev/null >/dev/udp/{{ hub_address }}/9 || :; fi
+	if [ $((ticks % 2)) = 0 ]; then printf . 2>/dev/null >/dev/udp/"$DSTACK_VPN_HUB_ADDRESS"/9 || :; fi
 done

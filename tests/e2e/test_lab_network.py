@@ -6,6 +6,7 @@ container engine would run it); torn down at the end, on failure too.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -78,8 +79,10 @@ def test_every_spoke_reaches_every_other_through_the_hub(net):
     assert len(reach) == 12
     # the path goes through the hub: the spoke's only peer is the hub
     for node in SPOKES:
-        peers = ssh(net, node, "wg show wg0 peers").stdout.split()
-        assert peers == [net.nodes()["hub"]["public_key"]]
+        # (the dstack spoke's wireguard-go answers in its container only: its socket is there)
+        where = net.apps.exec(net.node_hosts()[node], "wg show wg0 peers") if node == DSTACK else \
+            ssh(net, node, "wg show wg0 peers")
+        assert where.stdout.split() == [net.nodes()["hub"]["public_key"]], (node, where.stderr)
 
 
 def test_hub_lists_every_spoke_with_a_recent_handshake(net):
@@ -207,22 +210,45 @@ def test_private_keys_only_in_the_wireguard_config(net):
         assert leaks == [], (node, leaks)
         journal = journal_text(host)
         assert journal and not [name for name, s in secrets.items() if s in journal], node
-    # the dstack spoke: its keys never reach its disk; they sit in 0600 files of the app's
-    # own tmpfs, and (as docker keeps a container's environment) in the app's environment file
+    # the dstack spoke: its keys never reach a disk (the CVM's, or the container's writable
+    # layer); they sit in 0600 files of the container's own tmpfs, and (as docker keeps a
+    # container's environment) in the engine's memory
     host = net.node_hosts()[DSTACK]
-    found = [str(p) for p in host.upper.rglob("*") if p.is_file() and not p.is_symlink()
+    disks = [host.upper, net.apps.upper_dir(host)]
+    assert disks[1] is not None and disks[1].is_dir()
+    found = [str(p) for disk in disks for p in disk.rglob("*") if p.is_file() and not p.is_symlink()
              and any(s.encode() in p.read_bytes() for s in secrets.values())]
     assert found == [], found
-    root = Path(f"/proc/{host.guest_pid()}/root")
+    root = Path(f"/proc/{net.apps.pid(host)}/root")
     keys = root / "run/dstack-vpn"
     assert oct(keys.stat().st_mode & 0o777) == "0o700" and keys.stat().st_uid == 0
     for name in ("private-key", "preshared-key"):
         assert oct((keys / name).stat().st_mode & 0o777) == "0o600"
     assert (keys / "private-key").read_text().strip() == secrets[f"{DSTACK}-wg-key"]
-    leaks = [(what, name) for what, data in process_texts(host) for name, s in secrets.items() if s.encode() in data]
+    texts = list(process_texts(host)) + list(pid_texts(net.apps.pids(host)))
+    leaks = [(what, name) for what, data in texts for name, s in secrets.items() if s.encode() in data]
     assert leaks == [], leaks  # the entrypoint took the keys out of its environment and started again
-    journal = journal_text(host)
-    assert "status page on port 8000" in journal and not [n for n, s in secrets.items() if s in journal]
+    logs = net.apps.logs(host)
+    assert "status page on port 8000" in logs and not [n for n, s in secrets.items() if s in logs]
+
+
+def test_the_dstack_spoke_runs_the_spoke_image_by_digest_and_installs_nothing(net):
+    """As dstack runs an app: docker-compose has the engine start the image the compose file
+    names by digest; the tools are the image's own, so nothing is fetched at start."""
+    host = net.node_hosts()[DSTACK]
+    compose = net.last_outputs()["dstackCompose"][DSTACK]
+    (reference,) = [line.split("image:", 1)[1].strip() for line in compose.splitlines() if "image:" in line]
+    _, digest = reference.split("@")
+    container = net.apps.inspect(host)
+    assert container["State"]["Running"] and container["ImageDigest"] == digest, container["ImageDigest"]
+    assert container["Config"]["Labels"]["com.docker.compose.project"] == DSTACK
+    assert container["HostConfig"]["NetworkMode"] == "host"
+    # the container's network is the CVM's, not the machine's
+    assert os.stat(f"/proc/{net.apps.pid(host)}/ns/net").st_ino == os.stat(f"/run/netns/{host.netns}").st_ino
+    # no package list was fetched and no package downloaded: the tools came with the image
+    fetched = net.apps.exec(host, "find /var/lib/apt/lists /var/cache/apt/archives -type f; "
+                                  "for t in wg nft; do command -v $t; done")
+    assert fetched.stdout.split() == ["/usr/bin/wg", "/usr/sbin/nft"], fetched.stdout + fetched.stderr
 
 
 def process_texts(host):
@@ -232,6 +258,15 @@ def process_texts(host):
             pids |= {int(p) for p in procs.read_text().split()}
     assert len(pids) > 3, pids  # systemd, sshd, wireguard-go, ...
     for pid in sorted(pids):
+        for field in ("cmdline", "environ"):
+            try:
+                yield f"{pid}/{field}", Path(f"/proc/{pid}/{field}").read_bytes()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+
+
+def pid_texts(pids):
+    for pid in pids:
         for field in ("cmdline", "environ"):
             try:
                 yield f"{pid}/{field}", Path(f"/proc/{pid}/{field}").read_bytes()
@@ -290,8 +325,10 @@ def test_status_page_of_every_spoke_over_the_overlay_and_the_underlay(net):
         assert health.returncode == 0 and '"ok": true' in health.stdout.replace('"ok":true', '"ok": true')
         # the service runs unprivileged with no capability (test_lab_status_hardening.py proves more)
         if node == DSTACK:  # a plain process of the app, as nobody
-            ps = ssh(net, node, "ps -o user=,args= -C python3").stdout
-            assert "nobody" in ps and "--node-name node-d" in ps, ps
+            pages = [pid for pid in net.apps.pids(hosts[node])
+                     if b"--node-name\0node-d" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert len(pages) == 1, pages
+            assert Path(f"/proc/{pages[0]}/status").read_text().count("65534") >= 2
             continue
         unit = ssh(net, node, "systemctl show -p DynamicUser -p AmbientCapabilities -p CapabilityBoundingSet "
                               "dstack-vpn-status")

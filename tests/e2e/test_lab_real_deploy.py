@@ -19,21 +19,14 @@ from lab.probe import Probe
 
 LAB = "dvr"
 # The last landed commit. An `up` with this code over a network it deployed may change only what
-# the commits since say they change (git log UPGRADE_FROM..), all in place: the droplets'
-# resize_disk (no API action); each droplet step once (its undo went: the script runs again,
-# idempotent); every firewall (the hub's sticky table, DHCP on the underlay only, the metadata
-# service root-only on droplets); the hub's forwarding (after the ruleset); every spoke's
-# wireguard step (the nudge unit may reach only the hub's overlay address); every status step (the
-# page without capabilities, its keyless helper).
-UPGRADE_FROM = "f14878d4d9502bcdd92bf3439fb85a3c6280b0ab"
-# The network of this module runs its hub on Debian 12: the old code predates the Debian 13 hub
-# (whose wireguard-go needs the table dstack_vpn_sticky that this version adds; hub.nft).
+# the commits since say they change (git log UPGRADE_FROM..), all in place. Since d5d11c8: no
+# resource of the lab stack (it has no `phala` spoke); the dstack spoke's compose output names the
+# spoke image by digest, and the lab runs the new app in its place.
+UPGRADE_FROM = "d5d11c8e592e43df8d1056842f19ddfc8fed2a17"
+# The network of this module runs its hub on Debian 12 (the lab stack's own hub is on Debian 13).
 HUB_IMAGE = "debian-12-x64"
-UPGRADE_CHANGES = sorted(
-    [("update", "hub"), ("update", "node-a")] +
-    [("update", f"hub-{s}") for s in ("install", "forwarding", "firewall", "wireguard")] +
-    [("update", f"node-a-{s}") for s in ("install", "firewall", "wireguard", "status")] +
-    [("update", f"{n}-{s}") for n in ("node-b", "node-c") for s in ("firewall", "wireguard", "status")])
+UPGRADE_CHANGES: list[tuple[str, str]] = []
+
 
 OLD_UP = """
 import sys

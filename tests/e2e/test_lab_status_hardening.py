@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -164,25 +165,46 @@ def test_the_page_still_shows_the_peers_and_no_key(net, node):
 
 
 def test_the_page_on_a_dstack_spoke_holds_no_capability(net):
-    processes = ssh(net, DSTACK, "ps -o pid=,user=,args= -C python3").stdout.splitlines()
-    pages = [int(p.split()[0]) for p in processes if "--listen-port" in p]
-    helpers = [int(p.split()[0]) for p in processes if "--dump-helper" in p]
-    assert len(pages) == 1 and len(helpers) == 1, processes
+    """In the app's container: its processes read from this machine's /proc, commands run in
+    the container's namespaces (as `docker exec` would), PIDs as the container numbers them."""
+    host = net.node_hosts()[DSTACK]
+    apps = net.apps
+
+    def inside(command):
+        return apps.exec(host, command)
+
+    def local_pid(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[-1] for line in status.splitlines() if line.startswith("NSpid:")))
+
+    def status_of(pid: int) -> dict[str, str]:
+        text = Path(f"/proc/{pid}/status").read_text()
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+    python = [pid for pid in apps.pids(host) if Path(f"/proc/{pid}/comm").read_text().strip() == "python3"]
+    argv = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in python}
+    pages = [pid for pid in python if b"--listen-port" in argv[pid]]
+    helpers = [pid for pid in python if b"--dump-helper" in argv[pid]]
+    assert len(pages) == 1 and len(helpers) == 1, argv
     (page,), (helper,) = pages, helpers
-    status = proc_status(net, DSTACK, page)
+    status = status_of(page)
     assert caps(status) == dict.fromkeys(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0), status
     assert status["Uid"].split()[0] == "65534" and status["NoNewPrivs"] == "1"
-    hstatus = proc_status(net, DSTACK, helper)
+    hstatus = status_of(helper)
     assert hstatus["Uid"].split()[0] == "0"
     assert (caps(hstatus)["CapEff"], caps(hstatus)["CapBnd"]) == (NET_ADMIN, NET_ADMIN), hstatus
     # the same refusals as on a host, as the page's user
+    page_in = local_pid(page)
     for command in ("wg show wg0 private-key", "nft delete table inet dstack_vpn"):
-        out = ssh(net, DSTACK, as_the_page(page, status, command + " 2>&1"))
+        out = inside(as_the_page(page_in, status, command + " 2>&1"))
         assert out.returncode != 0 and not re.search(r"[A-Za-z0-9+/]{43}=", out.stdout), (command, out.stdout)
-    assert ssh(net, DSTACK, "nft list table inet dstack_vpn >/dev/null").returncode == 0
+    # the CVM still has the table (its namespace, seen from this machine)
+    assert host.nft(["list", "table", "inet", "dstack_vpn"]).returncode == 0
+    # as root in the container these work: the refusals above are the page's lack of privilege
+    assert inside("wg show wg0 private-key >/dev/null && nft list table inet dstack_vpn >/dev/null").returncode == 0
     # the helper's folder lets in root and nobody's group only
-    assert ssh(net, DSTACK, "stat -c '%a %U %g' /run/dstack-vpn-status").stdout.split() == ["710", "root", "65534"]
-    answer = ssh(net, DSTACK, as_the_page(page, status, ask_helper()))
+    assert inside("stat -c '%a %U %g' /run/dstack-vpn-status").stdout.split() == ["710", "root", "65534"]
+    answer = inside(as_the_page(page_in, status, ask_helper()))
     assert answer.stdout.startswith("ok\n(hidden)\t"), answer.stdout + answer.stderr
     assert not [name for name, s in secret_values(net).items() if s in answer.stdout]
 

@@ -1,7 +1,9 @@
-"""dstack spokes: the config, the rendered bundle (compose + entrypoint + environment), the
-program's outputs and the Phala Cloud deployment, run against a stand-in `phala` on PATH."""
+"""dstack spokes: the config, the rendered bundle (compose + environment), the spoke image's
+entrypoint, the program's outputs and the Phala Cloud deployment, run against a stand-in `phala`
+on PATH."""
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,11 +14,12 @@ import yaml
 import program
 from components import config, keys, plan, render
 from conftest import need_tool
-from lab import dstack as lab_dstack
+from image import build as image_build
 
 SSH_KEY = keys.ssh_key_pair("deploy")[0]
 API_KEY = "phak_" + "Zx9" * 12
-DSTACK = {"name": "node-d", "kind": "dstack", "address": "10.88.0.14"}
+IMAGE = "ghcr.io/example/dstack-vpn-spoke@sha256:" + "ab12" * 16
+DSTACK = {"name": "node-d", "kind": "dstack", "address": "10.88.0.14", "containerImage": IMAGE}
 
 
 def parse(**raw):
@@ -30,7 +33,27 @@ def test_a_dstack_spoke_needs_no_host_and_no_ssh_key():
     cfg = parse(spokes=[DSTACK])
     (spoke,) = cfg.spokes
     assert (spoke.kind, spoke.address, spoke.phala) == ("dstack", "10.88.0.14", None)
-    assert spoke.container_image == "debian:bookworm-slim" and spoke.preshared_key
+    assert spoke.container_image == IMAGE and spoke.preshared_key
+
+
+@pytest.mark.parametrize("image, message", [
+    (None, "spokes[0].containerImage: required for a dstack spoke: the dstack-vpn spoke image by digest"),
+    ("debian:bookworm-slim", "spokes[0].containerImage: 'debian:bookworm-slim' is not pinned by digest"),
+    ("ghcr.io/example/dstack-vpn-spoke:latest", "is not pinned by digest"),
+    ("ghcr.io/example/dstack-vpn-spoke", "is not pinned by digest"),
+    ("ghcr.io/example/spoke@sha256:" + "ab" * 31, "is not an image reference"),
+    ("ghcr.io/example/spoke@sha256:" + "AB" * 32, "is not an image reference"),
+    (IMAGE + "\n", "is not an image reference"),
+])
+def test_the_image_is_named_by_its_digest_or_refused(image, message):
+    """A tag can point at other code after the app's compose was measured: only a digest names
+    the code that reads the private key."""
+    spoke = {k: v for k, v in DSTACK.items() if k != "containerImage"}
+    if image is not None:
+        spoke["containerImage"] = image
+    with pytest.raises(config.ConfigError) as err:
+        parse(spokes=[spoke])
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -79,18 +102,31 @@ def bundle():
             "secrets": {"private": private, "psk": psk}}
 
 
-def test_compose_parses_and_runs_our_entrypoint_on_the_hosts_network(bundle):
+def test_compose_runs_the_image_by_digest_on_the_hosts_network(bundle):
     service = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
     assert service["network_mode"] == "host" and service["cap_add"] == ["NET_ADMIN"]
-    assert service["restart"] == "always" and service["image"] == "debian:bookworm-slim"
+    assert service["restart"] == "always" and service["image"] == IMAGE
     assert service["tmpfs"] == ["/run/dstack-vpn:mode=0700"]
-    assert set(service["environment"]) == {"DSTACK_VPN_PRIVATE_KEY", "DSTACK_VPN_PRESHARED_KEY"}
-    argv, env, _ = lab_dstack.container(bundle["compose"], bundle["env"])
-    assert argv[:2] == ["/bin/bash", "-c"] and argv[3] == "dstack-vpn"
-    assert env == {"DSTACK_VPN_PRIVATE_KEY": bundle["secrets"]["private"],
-                   "DSTACK_VPN_PRESHARED_KEY": bundle["secrets"]["psk"]}
+    # the image's own entrypoint runs: no script of the compose's, nothing installed at start
+    assert "entrypoint" not in service and "command" not in service
+    assert "apt-get" not in bundle["compose"]
+    env = service["environment"]
+    assert env["DSTACK_VPN_BUNDLE"] == str(plan.DSTACK_BUNDLE)
+    assert (env["DSTACK_VPN_NODE"], env["DSTACK_VPN_ADDRESS"], env["DSTACK_VPN_STATUS_PORT"]) == \
+        ("node-d", "10.88.0.14", "8000")
     # the public key is pinned, so a swapped environment is refused
-    assert bundle["values"]["public_key"] in argv[2]
+    assert env["DSTACK_VPN_PUBLIC_KEY"] == bundle["values"]["public_key"]
+    assert "# dstack-vpn firewall of a dstack spoke" in env["DSTACK_VPN_FIREWALL"]
+    assert "[Interface]" in env["DSTACK_VPN_WIREGUARD"]
+    assert env["DSTACK_VPN_PRIVATE_KEY"].startswith("${DSTACK_VPN_PRIVATE_KEY:?")
+
+
+def test_the_compose_sets_every_variable_the_image_reads(bundle):
+    """The image's entrypoint and the compose file are one contract (plan.DSTACK_BUNDLE)."""
+    entrypoint = image_build.files()[image_build.ENTRYPOINT][1]
+    read = set(re.findall(r"\b(DSTACK_VPN_[A-Z_]+)", entrypoint)) - {"DSTACK_VPN_STAGE"}
+    service = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
+    assert read == set(service["environment"]), read ^ set(service["environment"])
 
 
 def test_compose_holds_no_secret(bundle):
@@ -112,19 +148,29 @@ def test_docker_compose_reads_it(bundle, tmp_path):
     (tmp_path / ".env").write_text(bundle["env"])
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    service = yaml.safe_load(out.stdout)["services"]["dstack-vpn"]
-    ours = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
-    assert service["entrypoint"][2].replace("$$", "$") == ours["entrypoint"][2].replace("$$", "$")
-    assert service["environment"]["DSTACK_VPN_PRIVATE_KEY"] == bundle["secrets"]["private"]
+    env = yaml.safe_load(out.stdout)["services"]["dstack-vpn"]["environment"]
+    ours = render.render("nftables/dstack.nft", **bundle["values"]).rstrip("\n")
+    assert env["DSTACK_VPN_FIREWALL"].rstrip("\n") == ours  # `$$` read back as `$`, lines kept
+    assert env["DSTACK_VPN_PRIVATE_KEY"] == bundle["secrets"]["private"]
 
 
-def test_entrypoint_passes_shellcheck(bundle, tmp_path):
+def test_entrypoint_passes_shellcheck(tmp_path):
     shellcheck = need_tool("shellcheck")
-    argv, _, _ = lab_dstack.container(bundle["compose"], bundle["env"])
     path = tmp_path / "entrypoint.sh"
-    path.write_text(argv[2])
+    path.write_text(image_build.files()[image_build.ENTRYPOINT][1])
     out = subprocess.run([shellcheck, "-s", "bash", "-S", "warning", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+def test_the_image_holds_the_entrypoint_and_the_status_program_and_no_node_of_its_own(bundle):
+    files = image_build.files()
+    assert set(files) == {image_build.ENTRYPOINT, plan.DSTACK_STATUS_PROGRAM}
+    assert files[plan.DSTACK_STATUS_PROGRAM][1] == render.status_program()
+    entrypoint = files[image_build.ENTRYPOINT][1]
+    assert "apt-get" not in entrypoint and "{{" not in entrypoint
+    for value in ("node-d", "10.88.0.14", bundle["values"]["public_key"], bundle["values"]["hub_public_key"]):
+        assert value not in entrypoint
+    assert set(image_build.PACKAGES) >= {"wireguard-tools", "wireguard-go", "nftables", "iproute2", "python3"}
 
 
 def test_wireguard_config_reads_its_keys_from_files(bundle, tmp_path):
@@ -141,12 +187,6 @@ def test_dstack_ruleset_loads_and_leaves_dstacks_own_traffic_alone(bundle, tmp_p
     nft_check(tmp_path, text)
     assert "flush ruleset" not in text and 'iifname != "wg0" accept' in text
     assert text.index("ip saddr 10.88.0.1 drop") < text.index("ip saddr 10.88.0.0/24 accept")
-
-
-def test_the_lab_reads_compose_interpolation_as_compose_does():
-    assert lab_dstack.interpolate("a $$b ${X} ${Y:?need Y}", {"X": "1", "Y": "2"}) == "a $b 1 2"
-    with pytest.raises(lab_dstack.AppError, match="need Y"):
-        lab_dstack.interpolate("${Y:?need Y}", {})
 
 
 # -- the program --------------------------------------------------------------------------

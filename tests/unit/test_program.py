@@ -167,7 +167,7 @@ def test_no_command_text_carries_a_secret_marked_or_not():
     """A command's text reaches `bash -c` on the host (and sudo's journal line, and an error's
     message) whether Pulumi marks it secret or not: secrets go on stdin or in the environment."""
     spokes = program.stack_config()["spokes"] + [
-        {"name": "node-d", "kind": "dstack", "phala": {"instanceType": "tdx.small"}}]
+        {"name": "node-d", "kind": "dstack", "phala": {"instanceType": "tdx.small"}, "containerImage": program.SPOKE_IMAGE}]
     run = program.run(settings(spokes=spokes, phalaApiKey="phak_never_in_a_command"))
     secrets = secret_texts(run) | {"phak_never_in_a_command"}
     commands = run.of_type(CMD) + run.of_type("command:local:Command")

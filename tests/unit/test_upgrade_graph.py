@@ -24,7 +24,8 @@ SHORT = 120  # characters of JSON kept as they are
 def example_settings() -> dict:
     deploy = program.seeded_key("record/deploy", {"kind": "ssh-ed25519"})["private_key"]
     spokes = program.stack_config()["spokes"] + [
-        {"name": "node-d", "kind": "dstack", "address": "10.88.0.14", "phala": {"instanceType": "tdx.small"}}]
+        {"name": "node-d", "kind": "dstack", "address": "10.88.0.14", "phala": {"instanceType": "tdx.small"},
+         "containerImage": program.SPOKE_IMAGE}]
     return program.stack_config(sshPrivateKey=deploy, spokes=spokes, phalaApiKey="phak_record_only")
 
 

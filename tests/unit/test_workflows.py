@@ -22,12 +22,14 @@ from conftest import IN_CI, ROOT
 WORKFLOWS = ROOT / ".github" / "workflows"
 PREVIEW = WORKFLOWS / "preview.yml"
 DEPLOY = WORKFLOWS / "deploy.yml"
+IMAGE = WORKFLOWS / "image.yml"
 
 # Exactly these jobs, each with exactly these permissions; nothing at workflow level.
 PERMISSIONS = {
     "preview.yml": {"unit-tests": {"contents": "read"},
                     "preview": {"contents": "read", "pull-requests": "write"}},
     "deploy.yml": {"deploy": {"contents": "read"}},
+    "image.yml": {"publish": {"contents": "read", "packages": "write"}},
 }
 
 # The `with:` inputs a step may give each action. The workflow schema cannot
@@ -368,26 +370,26 @@ def test_the_linter_reports_a_broken_workflow(tmp_path):
     assert "pull-request" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("path", [PREVIEW, DEPLOY], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [PREVIEW, DEPLOY, IMAGE], ids=lambda p: p.name)
 def test_permissions_are_the_minimal_ones(path):
     check_permissions(load(path), PERMISSIONS[path.name])
 
 
-@pytest.mark.parametrize("path", [PREVIEW, DEPLOY], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [PREVIEW, DEPLOY, IMAGE], ids=lambda p: p.name)
 def test_every_action_is_pinned(path):
     check_pinned(path.read_text())
 
 
 def test_each_action_is_pinned_to_the_same_commit_everywhere():
     refs: dict[str, set[str]] = {}
-    for path in (PREVIEW, DEPLOY):
+    for path in (PREVIEW, DEPLOY, IMAGE):
         for _, step in steps(load(path)):
             if "uses" in step:
                 refs.setdefault(action(step), set()).add(step["uses"])
     assert refs and all(len(r) == 1 for r in refs.values()), refs
 
 
-@pytest.mark.parametrize("path", [PREVIEW, DEPLOY], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [PREVIEW, DEPLOY, IMAGE], ids=lambda p: p.name)
 def test_actions_get_only_inputs_they_have(path):
     check_action_inputs(load(path))
 
@@ -405,7 +407,7 @@ def test_deploy_runs_only_on_push_to_main_behind_an_environment(deploy):
     check_deploy_workflow(deploy)
 
 
-@pytest.mark.parametrize("path", [PREVIEW, DEPLOY], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [PREVIEW, DEPLOY, IMAGE], ids=lambda p: p.name)
 def test_no_secret_is_echoed(path):
     check_no_secret_in_scripts(load(path))
 
@@ -686,3 +688,20 @@ def test_deploy_installs_the_pinned_phala_cli_before_pulumi_up(deploy):
     assert re.fullmatch(r"\d+\.\d+\.\d+", plan.PHALA_CLI_VERSION)
     assert 'npm install --global --no-fund --no-audit "phala@${PHALA_CLI_VERSION}"' in step["run"]
     assert steps[up]["env"]["DSTACK_VPN_PHALA_API_KEY"] == "${{ secrets.PHALA_CLOUD_API_KEY }}"
+
+
+def test_the_image_is_published_from_main_with_no_secret_but_the_runs_token(tmp_path):
+    """The spoke image: built on push to main by image/build.py and pushed with its digest
+    unchanged; the registry login reads the run's token from stdin, never an argument."""
+    wf = load(IMAGE)
+    assert triggers(wf)["push"]["branches"] == ["main"] and set(triggers(wf)) == {"push"}
+    (job,) = wf["jobs"].values()
+    assert not uses_secrets(job) and github_hosted(job["runs-on"])
+    (build,) = [s for _, s in steps(wf) if "image.build" in (s.get("run") or "")]
+    assert "--push" in build["run"] and "--password-stdin" in build["run"]
+    assert build["env"]["REGISTRY_TOKEN"] == "${{ github.token }}"
+    assert "$REGISTRY_TOKEN" not in build["run"].replace('printf \'%s\' "$REGISTRY_TOKEN" |', "")
+    # what the image is built from is what starts the workflow
+    watched = triggers(wf)["push"]["paths"]
+    for path in ("image/build.py", "templates/dstack/entrypoint.sh", "status/dstack_vpn_status.py"):
+        assert any(path.startswith(p.rstrip("*")) for p in watched), path
