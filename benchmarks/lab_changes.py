@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lab.network import LabNetwork, stack_settings  # noqa: E402
+from lab.example import LabNetwork, stack_settings  # noqa: E402
 from lab.probe import Probe  # noqa: E402
 
 NODE_E = {"name": "node-e", "kind": "ssh", "address": "10.88.0.15", "host": "198.51.100.24"}

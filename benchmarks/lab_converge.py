@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lab.hosts import Lab  # noqa: E402
-from lab.network import LabNetwork, stack_settings  # noqa: E402
+from lab.example import LabNetwork, stack_settings  # noqa: E402
 
 
 def timed(fn):

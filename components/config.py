@@ -51,18 +51,26 @@ PHALA_SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # What a dstack spoke's containerImage looks like (README: "The spoke image").
 IMAGE_EXAMPLE = "ghcr.io/OWNER/dstack-vpn-spoke@sha256:<64 hex digits>"
 
-TOP_LEVEL_KEYS = {
-    "overlayCidr", "listenPort", "interface", "statusPort",
-    "hubRegion", "hubSize", "hubImage", "adminCidrs", "adminSshKeys",
-    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey", "digitaloceanSshKey", "statusCidrs",
+# The stack settings of the network itself; each role adds the ones it reads (Role.config_keys).
+NETWORK_KEYS = {
+    "overlayCidr", "hubRegion", "hubSize", "hubImage", "adminSshKeys",
+    "spokes", "nodeSecrets", "sshPrivateKey", "phalaApiKey", "digitaloceanSshKey",
 }
 # Who may read a spoke's status page over the underlay, unless statusCidrs says otherwise.
 STATUS_CIDRS_DEFAULT = ["0.0.0.0/0", "::/0"]
-SPOKE_KEYS = {
-    "name", "kind", "address", "host", "port", "user", "hostKey",
-    "allowUnknownHostKey", "presharedKey", "keyRotation", "region", "size", "image",
-    "containerImage", "phala",
+# The settings of a spoke, by kind: one table (a key of another kind is refused, naming it).
+COMMON_SPOKE_KEYS = {"name", "kind", "address", "presharedKey", "keyRotation"}
+KIND_KEYS = {
+    "ssh": COMMON_SPOKE_KEYS | {"host", "port", "user", "hostKey", "allowUnknownHostKey"},
+    "droplet": COMMON_SPOKE_KEYS | {"region", "size", "image"},
+    "dstack": COMMON_SPOKE_KEYS | {"containerImage", "phala"},
 }
+# Why a kind has no such setting: (kind, the kind that has it; "*" any).
+KIND_HINTS = {
+    ("droplet", "ssh"): "a droplet's connection is made by the program",
+    ("dstack", "*"): "the node runs the rendered app (spokes[].phala holds where Phala Cloud runs it)",
+}
+SPOKE_KEYS = set().union(*KIND_KEYS.values())
 PHALA_KEYS = {"name", "instanceType", "region", "diskSize", "osImage"}
 NODE_SECRET_KEYS = {"sshPrivateKey", "wireguardPrivateKey"}
 SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey"}
@@ -135,6 +143,22 @@ class NetworkConfig:
     @property
     def prefixlen(self) -> int:
         return ipaddress.ip_network(self.overlay).prefixlen
+
+
+def top_level_keys() -> set[str]:
+    """Every stack setting: the network's own and those the roles read."""
+    from .roles import all_roles
+    return NETWORK_KEYS.union(*(role.config_keys for role in all_roles()))
+
+
+def _kind_keys(i: int, item: Mapping[str, Any], kind: str) -> None:
+    for key in item:
+        if key not in KIND_KEYS[kind]:
+            owner = next(k for k, keys in KIND_KEYS.items() if key in keys)
+            owners = " or ".join(f"'{k}'" for k, keys in KIND_KEYS.items() if key in keys)
+            hint = KIND_HINTS.get((kind, owner)) or KIND_HINTS.get((kind, "*"))
+            raise ConfigError(f"spokes[{i}].{key}: not for kind '{kind}'; only for kind {owners}"
+                              + (f" ({hint})" if hint else ""))
 
 
 def _decode(key: str, text: str | None, default: Any) -> Any:
@@ -294,7 +318,7 @@ def _ssh_public_keys(setting: str, value: Any) -> tuple[str, ...]:
 
 def parse(raw: Mapping[str, str]) -> NetworkConfig:
     """Validate the raw stack config of this project (keys without namespace)."""
-    _unknown("config", raw, TOP_LEVEL_KEYS)
+    _unknown("config", raw, top_level_keys())
     overlay = _overlay(_decode("overlayCidr", raw.get("overlayCidr"), "10.88.0.0/24"))
     listen_port = _port("listenPort", _decode("listenPort", raw.get("listenPort"), 51820))
     if listen_port == DSTACK_WG_PORT:
@@ -425,9 +449,7 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
             wireguard_private_key=pinned(name), ssh_private_key=ssh_key)
         if isinstance(values["key_rotation"], bool):
             raise ConfigError(f"spokes[{i}].keyRotation: expected an integer")
-        for key in ("containerImage", "phala"):
-            if key in item and kind != "dstack":
-                raise ConfigError(f"spokes[{i}].{key}: only for kind 'dstack'")
+        _kind_keys(i, item, kind)
         if kind == "ssh":
             values.update(_ssh_spoke(i, item, ssh_key or deploy_key))
         elif kind == "dstack":
@@ -435,9 +457,6 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
                 raise ConfigError(f"nodeSecrets.{name}.sshPrivateKey: a dstack spoke is not reached over SSH")
             values.update(_dstack_spoke(i, item))
         else:
-            for key in ("host", "port", "user", "hostKey", "allowUnknownHostKey"):
-                if key in item:
-                    raise ConfigError(f"spokes[{i}].{key}: only for kind 'ssh'; a droplet's connection is made by the program")
             for key in ("region", "size", "image"):
                 slug = item.get(key, defaults[key])
                 if not isinstance(slug, str) or not SLUG_RE.fullmatch(slug):
@@ -448,9 +467,6 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
 
 
 def _ssh_spoke(i: int, item: Mapping[str, Any], key: str | None) -> dict[str, Any]:
-    for droplet_only in ("region", "size", "image"):
-        if droplet_only in item:
-            raise ConfigError(f"spokes[{i}].{droplet_only}: only for kind 'droplet'")
     host = item.get("host")
     if not isinstance(host, str) or not host.strip():
         raise ConfigError(f"spokes[{i}].host: required for kind 'ssh' (the address or name to SSH to)")
@@ -521,10 +537,6 @@ def _hostname_or_address(setting: str, value: str) -> str:
 
 
 def _dstack_spoke(i: int, item: Mapping[str, Any]) -> dict[str, Any]:
-    for other in ("host", "port", "user", "hostKey", "allowUnknownHostKey", "region", "size", "image"):
-        if other in item:
-            raise ConfigError(f"spokes[{i}].{other}: not for kind 'dstack'; the node runs the rendered app "
-                              "(spokes[].phala holds where Phala Cloud runs it)")
     image = item.get("containerImage")
     if image is None:
         raise ConfigError(f"spokes[{i}].containerImage: required for a dstack spoke: the dstack-vpn spoke image "

@@ -1,14 +1,16 @@
-"""The hub: a DigitalOcean droplet with a reserved IP that routes spoke to spoke."""
+"""The hub: a droplet with a reserved IP, running the roles wireguard-hub, firewall and forwarding."""
 from __future__ import annotations
 
-from typing import Sequence, TypedDict
+from typing import MutableMapping, Sequence, TypedDict
 
 import pulumi
 import pulumi_digitalocean as do
+from pulumi_command import remote
 
-from . import droplet, plan, render
-from .config import NetworkConfig
-from .steps import Step, run_steps
+from .config import HUB_NAME, NetworkConfig
+from .nodes import droplet
+from .nodes.remote import hub_node, run_roles
+from .roles import hub_roles
 
 
 class HubArgs(TypedDict):
@@ -24,6 +26,8 @@ class HubArgs(TypedDict):
     """DigitalOcean SSH key id of the deploy key."""
     tags: Sequence[pulumi.Input[str]]
     """DigitalOcean tags for the droplet."""
+    steps: MutableMapping[str, remote.Command]
+    """Every node's steps so far, as "node/step" (the hub's are added)."""
 
 
 class Hub(pulumi.ComponentResource):
@@ -38,26 +42,12 @@ class Hub(pulumi.ComponentResource):
         # The reserved IP exists apart from any droplet, so spokes keep their endpoint.
         self.reserved_ip = do.ReservedIp(f"{name}-ip", region=cfg.hub.region, opts=child)
         self.public_ip = self.reserved_ip.ip_address
-        machine = droplet.create(name, cfg, "hub", cfg.hub.region, cfg.hub.size, cfg.hub.image,
+        node = hub_node(cfg, private_key=args["private_key"], peers=args["peers"])
+        machine = droplet.create(name, cfg, node.openings, cfg.hub.region, cfg.hub.size, cfg.hub.image,
                                  pulumi.Output.secret(args["deploy_key"]), args["ssh_key_id"], args["tags"], self)
         self.droplet = machine.droplet
         self.assignment = do.ReservedIpAssignment(
             f"{name}-ip-assignment", ip_address=self.reserved_ip.ip_address,
             droplet_id=machine.droplet.id.apply(int), opts=child)
-
-        wg_conf = pulumi.Output.all(args["private_key"], args["peers"]).apply(
-            lambda v: render.render("wireguard/hub.conf", private_key=v[0], peers=plan.hub_peers(v[1]),
-                                    listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen))
-        steps = [
-            Step("install", {}),
-            Step("firewall", {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
-                 render.render("nftables/hub.nft", **plan.hub_firewall(cfg))),
-            # Forwarding after the ruleset: at deploy time (this order) and at boot (a drop-in of
-            # the firewall unit), so the hub never routes without its firewall.
-            Step("forwarding", plan.forwarding_values(), render.render("systemd/dstack-vpn-firewall-forwarding.conf")),
-            # The peer step: the only hub step a new spoke changes.
-            Step("wireguard", plan.interface_values(cfg, cfg.hub.address),
-                 pulumi.Output.secret(wg_conf), secret=True),
-        ]
-        self.commands = run_steps(machine.host, steps, parent=self)
+        self.commands = run_roles(machine.target, node, hub_roles(), self, args["steps"])
         self.register_outputs({"public_ip": self.public_ip})

@@ -1,4 +1,5 @@
-"""The whole network: keys, the hub, and every spoke."""
+"""The whole network: keys, the hub, and every spoke; nodes x roles, and the order across nodes
+(the steps' `after` names, resolved in `steps`: "node/step" -> its command)."""
 from __future__ import annotations
 
 import re
@@ -7,9 +8,9 @@ import pulumi
 import pulumi_digitalocean as do
 
 from .config import HUB_NAME, NetworkConfig
-from .dstack import DstackSpoke
 from .hub import Hub
 from .keys import Key, NodeKey, ssh_public_key
+from .nodes.dstack import DstackSpoke
 from .spoke import Spoke
 
 
@@ -52,9 +53,10 @@ class Network(pulumi.ComponentResource):
             for s in config.spokes
         ]
 
+        steps: dict = {}
         self.hub = Hub(HUB_NAME, {
             "config": config, "private_key": hub_key.private_key, "peers": pulumi.Output.all(*peers),
-            "deploy_key": deploy_private, "ssh_key_id": ssh_key_id, "tags": tags,
+            "deploy_key": deploy_private, "ssh_key_id": ssh_key_id, "tags": tags, "steps": steps,
         }, opts=child)
         self.hub_public_ip = self.hub.public_ip
 
@@ -65,7 +67,7 @@ class Network(pulumi.ComponentResource):
                 "public_key": spoke_keys[s.name].public_key,
                 "preshared_key": psks[s.name].private_key if s.name in psks else None,
                 "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
-                "hub_ready": [self.hub.commands[-1]],
+                "hub_ready": [steps[f"{HUB_NAME}/wireguard"]],
             }, opts=child)
             for s in config.spokes if s.kind == "dstack"
         }
@@ -74,9 +76,8 @@ class Network(pulumi.ComponentResource):
                 "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
                 "preshared_key": psks[s.name].private_key if s.name in psks else None,
                 "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
-                "hub_ready": [self.hub.commands[-1]],
                 "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
-                "ssh_key_id": ssh_key_id, "tags": tags,
+                "ssh_key_id": ssh_key_id, "tags": tags, "steps": steps,
             }, opts=child)
             for s in over_ssh
         }

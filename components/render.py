@@ -5,6 +5,7 @@ checked by the real tools (wg, nft, bash, systemd-analyze) in tests.
 """
 from __future__ import annotations
 
+import json
 import shlex
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,8 @@ def environment() -> jinja2.Environment:
     env.filters["shquote"] = shlex.quote
     # docker compose reads `$` as the start of a variable: `$$` is a literal one.
     env.filters["compose_escape"] = lambda text: text.replace("$", "$$")
+    # a YAML double-quoted string (JSON's is one)
+    env.filters["yaml_string"] = json.dumps
     return env
 
 
@@ -65,14 +68,6 @@ def command(step: str, script_template: str, user: str, **values: Any) -> str:
 def status_program() -> str:
     """The status service, as it lands on a spoke (a program of its own, not a template)."""
     return STATUS_PROGRAM.read_text()
-
-
-def dstack_compose(values: dict[str, Any]) -> str:
-    """A dstack spoke's docker-compose file: the spoke image by digest, the node's firewall and
-    WireGuard config in its environment (all public), and the variables it takes its keys from."""
-    wireguard = render("wireguard/spoke.conf", **values).rstrip("\n")
-    firewall = render("nftables/dstack.nft", **values).rstrip("\n")
-    return render("dstack/docker-compose.yaml", wireguard=wireguard, firewall=firewall, **values)
 
 
 def phala_script(action: str, **values: Any) -> str:

@@ -26,12 +26,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from components import plan, render
+from components import render
+from components.nodes import dstack
 
 SUITE = "bookworm"
-# What the entrypoint runs (templates/dstack/entrypoint.sh): WireGuard (kernel or userspace),
-# nftables, ip, setpriv (util-linux, in every Debian), the status program's python3.
-PACKAGES = ("wireguard-tools", "wireguard-go", "nftables", "iproute2", "python3")
+# What the entrypoint runs: the packages a dstack spoke's roles declare (WireGuard, kernel or
+# userspace; nftables; the status program's python3) and the kind's own (iproute2). setpriv
+# is util-linux's, in every Debian.
+PACKAGES = tuple(dstack.image_packages())
 ENTRYPOINT = "/usr/local/bin/dstack-vpn-spoke"
 NAME = "dstack-vpn-spoke"
 # Every file's time, and the image's: the same inputs give the same digest.
@@ -50,10 +52,9 @@ class BuildError(RuntimeError):
 def files() -> dict[str, tuple[int, str]]:
     """Path in the image -> (mode, text): what dstack-vpn adds to the Debian tree."""
     return {
-        ENTRYPOINT: (0o755, render.render("dstack/entrypoint.sh", key_dir=plan.DSTACK_KEY_DIR,
-                                          status_program=plan.DSTACK_STATUS_PROGRAM,
-                                          bundle=plan.DSTACK_BUNDLE)),
-        plan.DSTACK_STATUS_PROGRAM: (0o644, render.status_program()),
+        ENTRYPOINT: (0o755, render.render("dstack/entrypoint.sh", key_dir=dstack.KEY_DIR,
+                                          status_program=dstack.STATUS_PROGRAM, bundle=dstack.BUNDLE)),
+        dstack.STATUS_PROGRAM: (0o644, render.status_program()),
     }
 
 
@@ -128,7 +129,7 @@ def commit(tree: Path, out: Path, work: Path) -> str:
               "--stop-signal", "TERM",
               "--label", f"org.opencontainers.image.title={NAME}",
               "--label", "org.opencontainers.image.description=dstack-vpn spoke: WireGuard, its firewall, the status page",
-              "--label", f"dstack-vpn.bundle={plan.DSTACK_BUNDLE}",
+              "--label", f"dstack-vpn.bundle={dstack.BUNDLE}",
               "--os", "linux", "--arch", "amd64", ctr], env=env)
         out.unlink(missing_ok=True)
         _run(["buildah", "commit", "-q", "--timestamp", str(SOURCE_DATE_EPOCH), "--format", "oci",

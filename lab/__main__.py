@@ -12,7 +12,7 @@ import sys
 import time
 
 from .engine import EngineError
-from .network import LabNetwork
+from .example import LabNetwork
 
 
 def main(argv=None) -> int:

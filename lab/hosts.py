@@ -483,12 +483,13 @@ class Lab:
                 raise PermissionError("the lab needs root (namespaces, systemd-nspawn)")
             if not self.images:
                 packages.ensure_machine_packages()
+            wanted = packages.host_packages() if len(self.images) < len(packages.SUITES) else []
             for suite in packages.SUITES:
                 if suite in self.images:
                     continue
                 t_suite = time.monotonic()
                 image = packages.base_image(self.cache_dir, suite)
-                self.repos[suite] = packages.local_repo(self.cache_dir, image, suite=suite)
+                self.repos[suite] = packages.local_repo(self.cache_dir, image, wanted, suite=suite)
                 self.images[suite] = image
                 seconds = time.monotonic() - t_suite
                 if seconds > 1:  # not simply found in the cache: built (here or by another lab process)

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 SUITES = ("bookworm", "trixie")
@@ -47,8 +48,7 @@ BASE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "iproute2",
     "netbase", "procps", "iputils-ping", "ca-certificates", "sudo",
 )
-# What the program's install step asks apt for inside the hosts.
-REPO_PACKAGES = ("wireguard-tools", "wireguard-go", "nftables")
+ROOT = Path(__file__).resolve().parents[1]
 REPO_MOUNT = "/srv/lab-apt"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"  # from debian-archive-keyring
 
@@ -252,7 +252,14 @@ def _finish_image(root: Path) -> None:
             leftover.unlink()
 
 
-def local_repo(cache_dir: Path, image: Path, packages=REPO_PACKAGES, suite: str = DEFAULT_SUITE) -> Path:
+def host_packages() -> list[str]:
+    """What the program's install step may ask apt for inside the hosts: the packages the roles
+    declare (`python3 -m components.roles`, run apart: the lab never imports the program)."""
+    out = run([sys.executable, "-m", "components.roles"], cwd=ROOT).stdout
+    return json.loads(out)["hosts"]
+
+
+def local_repo(cache_dir: Path, image: Path, packages: list[str], suite: str = DEFAULT_SUITE) -> Path:
     """A flat apt repository of suite with packages and whatever they need beyond the image.
 
     apt resolves the dependencies against the image's own dpkg status, so the

@@ -43,8 +43,8 @@ MUTATIONS = [
              lab=True),
     Mutation("no secret in a command's text, even marked secret",
              "components/steps.py",
-             '        create = _command(step, f"scripts/{step.name}.sh", host.user)\n',
-             '        create = _command(step, f"scripts/{step.name}.sh", host.user)\n'
+             '        create = _command(step, f"scripts/{step.name}.sh", target.user)\n',
+             '        create = _command(step, f"scripts/{step.name}.sh", target.user)\n'
              '        if step.secret:\n'
              '            create = pulumi.Output.secret(pulumi.Output.concat(create, "# ", step.stdin))\n',
              ("tests/unit/test_program.py::test_no_command_text_carries_a_secret_marked_or_not",)),

@@ -6,7 +6,7 @@ fi
 
 need=()
 pkg_missing() { ! dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q '^install ok installed'; }
-for pkg in wireguard-tools nftables; do
+for pkg in {{ packages | join(" ") }}; do
 	if pkg_missing "$pkg"; then need+=("$pkg"); fi
 done
 
@@ -14,8 +14,10 @@ done
 if kernel_wireguard; then
 	say "kernel WireGuard available"
 else
-	say "no WireGuard kernel module: using userspace wireguard-go"
-	if pkg_missing wireguard-go; then need+=(wireguard-go); fi
+	say "no WireGuard kernel module: using userspace {{ userspace | join(" ") }}"
+{% for pkg in userspace %}
+	if pkg_missing {{ pkg }}; then need+=({{ pkg }}); fi
+{% endfor %}
 fi
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -27,5 +29,5 @@ if [ "${#need[@]}" -gt 0 ]; then
 	printf '%s\n' "${need[@]}" >>"$STATE/installed-packages"
 	sort -u -o "$STATE/installed-packages" "$STATE/installed-packages"
 else
-	say "wireguard-tools and nftables already installed"
+	say "{{ packages | join(" and ") }} already installed"
 fi

@@ -12,7 +12,7 @@ def lab_network(name: str):
     """A lab network called `name`, prepared: what a crashed run of that name left is removed
     first, and every host and namespace goes at the end, on failure too."""
     need_root("the lab")
-    from lab.network import LabNetwork
+    from lab.example import LabNetwork
 
     network = LabNetwork(name=name, log=lambda *_: None)
     try:

@@ -38,7 +38,7 @@ def net():
 def spokes(net, *extra, without=()):
     """The network's spokes as they stand: a rotation made by one test stays in the config the next
     tests deploy (leaving it out would rotate that key back)."""
-    from lab.network import stack_settings
+    from lab.example import stack_settings
     out = [dict(s) for s in stack_settings()["spokes"] if s["name"] not in without]
     for spoke in out:
         if spoke["name"] in net.rotations:

@@ -32,7 +32,7 @@ OLD_UP = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from lab.network import LabNetwork   # the lab (the stand-in cloud) is today's
+from lab.example import LabNetwork   # the lab (the stand-in cloud) is today's
 sys.path.insert(0, {tree!r})         # the program, its components included, is the old commit's
 net = LabNetwork(name={lab!r}, log=lambda *a: None)
 net.lab.prepare()
@@ -76,7 +76,7 @@ def _old_tree(tmp_path_factory) -> Path | None:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     need_root("the lab")
-    from lab.network import LabNetwork
+    from lab.example import LabNetwork
 
     tree = _old_tree(tmp_path_factory)
     network = LabNetwork(name=LAB, log=lambda *_: None)
@@ -147,7 +147,7 @@ def test_a_second_stack_with_the_same_deploy_key(net):
     """DigitalOcean refuses a public key twice; `digitaloceanSshKey` names the one already there."""
     from lab.cloud import Cloud
     from lab.engine import EngineError
-    from lab.network import stack_settings
+    from lab.example import stack_settings
 
     deploy_private, deploy_public = net.deploy_key()
     fingerprint = next(k["fingerprint"] for k in net.cloud.account._load().values()

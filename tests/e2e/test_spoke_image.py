@@ -18,7 +18,8 @@ from conftest import need_root, need_tool
 from image import build
 from lab import cvm, packages
 from lab.hosts import default_lab_dir
-from components import plan, render
+from components import render
+from components.nodes import dstack
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,13 @@ def test_the_image_holds_the_tools_our_two_files_and_no_package_lists(built):
         assert layer["mediaType"].endswith("tar+gzip")
         rootfs = tarfile.open(fileobj=io.BytesIO(blob(tar, layer["digest"])), mode="r:gz")
     assert config["config"]["Entrypoint"] == [build.ENTRYPOINT]
-    assert config["config"]["Labels"]["dstack-vpn.bundle"] == str(plan.DSTACK_BUNDLE)
+    assert config["config"]["Labels"]["dstack-vpn.bundle"] == str(dstack.BUNDLE)
     assert config["created"].startswith("2023-11-14")  # SOURCE_DATE_EPOCH, not the build's time
     members = {m.name.lstrip("./"): m for m in rootfs.getmembers()}
     entrypoint = members[build.ENTRYPOINT.lstrip("/")]
     assert entrypoint.mode & 0o777 == 0o755 and (entrypoint.uid, entrypoint.gid) == (0, 0)
     assert rootfs.extractfile(entrypoint).read().decode() == build.files()[build.ENTRYPOINT][1]
-    status = rootfs.extractfile(members[plan.DSTACK_STATUS_PROGRAM.lstrip("/")]).read().decode()
+    status = rootfs.extractfile(members[dstack.STATUS_PROGRAM.lstrip("/")]).read().decode()
     assert status == render.status_program()
     # every file of the layer has the fixed time: nothing of the day it was built
     assert {m.mtime for m in members.values()} == {build.SOURCE_DATE_EPOCH}

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 import program
-from components import config, keys, plan, render
+from components import config, keys, render
+from components.nodes import dstack
+from components.roles import firewall
 from conftest import need_tool
 from image import build as image_build
 
@@ -84,7 +86,7 @@ def test_deploying_on_phala_needs_the_api_key_which_is_never_quoted():
 
 
 def test_settings_of_other_kinds_refuse_dstack_ones():
-    with pytest.raises(config.ConfigError, match=r"spokes\[0\].phala: only for kind 'dstack'"):
+    with pytest.raises(config.ConfigError, match=r"spokes\[0\].phala: not for kind 'droplet'; only for kind 'dstack'"):
         parse(spokes=[{"name": "node-a", "kind": "droplet", "phala": {}}])
     with pytest.raises(config.ConfigError, match="nodeSecrets.node-d.sshPrivateKey: a dstack spoke is not reached"):
         parse(spokes=[DSTACK], nodeSecrets={"node-d": {"sshPrivateKey": SSH_KEY}})
@@ -97,8 +99,8 @@ def bundle():
     cfg = parse(spokes=[DSTACK])
     private, psk = keys.wireguard_private_key(), keys.preshared_key()
     hub_public = keys.wireguard_public_key(keys.wireguard_private_key())
-    values = plan.dstack_values(cfg, cfg.spokes[0], keys.wireguard_public_key(private), hub_public, "203.0.113.5")
-    return {"compose": render.dstack_compose(values), "env": plan.dstack_env(private, psk), "values": values,
+    node = dstack.dstack_node(cfg, cfg.spokes[0], keys.wireguard_public_key(private), hub_public, "203.0.113.5")
+    return {"compose": dstack.compose(node), "env": dstack.env_file(private, psk), "node": node,
             "secrets": {"private": private, "psk": psk}}
 
 
@@ -111,18 +113,18 @@ def test_compose_runs_the_image_by_digest_on_the_hosts_network(bundle):
     assert "entrypoint" not in service and "command" not in service
     assert "apt-get" not in bundle["compose"]
     env = service["environment"]
-    assert env["DSTACK_VPN_BUNDLE"] == str(plan.DSTACK_BUNDLE)
+    assert env["DSTACK_VPN_BUNDLE"] == str(dstack.BUNDLE)
     assert (env["DSTACK_VPN_NODE"], env["DSTACK_VPN_ADDRESS"], env["DSTACK_VPN_STATUS_PORT"]) == \
         ("node-d", "10.88.0.14", "8000")
     # the public key is pinned, so a swapped environment is refused
-    assert env["DSTACK_VPN_PUBLIC_KEY"] == bundle["values"]["public_key"]
+    assert env["DSTACK_VPN_PUBLIC_KEY"] == bundle["node"].public_key
     assert "# dstack-vpn firewall of a dstack spoke" in env["DSTACK_VPN_FIREWALL"]
     assert "[Interface]" in env["DSTACK_VPN_WIREGUARD"]
     assert env["DSTACK_VPN_PRIVATE_KEY"].startswith("${DSTACK_VPN_PRIVATE_KEY:?")
 
 
 def test_the_compose_sets_every_variable_the_image_reads(bundle):
-    """The image's entrypoint and the compose file are one contract (plan.DSTACK_BUNDLE)."""
+    """The image's entrypoint and the compose file are one contract (dstack.BUNDLE)."""
     entrypoint = image_build.files()[image_build.ENTRYPOINT][1]
     read = set(re.findall(r"\b(DSTACK_VPN_[A-Z_]+)", entrypoint)) - {"DSTACK_VPN_STAGE"}
     service = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
@@ -149,7 +151,7 @@ def test_docker_compose_reads_it(bundle, tmp_path):
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     env = yaml.safe_load(out.stdout)["services"]["dstack-vpn"]["environment"]
-    ours = render.render("nftables/dstack.nft", **bundle["values"]).rstrip("\n")
+    ours = render.render("nftables/dstack.nft", **firewall.dstack_values(bundle["node"])).rstrip("\n")
     assert env["DSTACK_VPN_FIREWALL"].rstrip("\n") == ours  # `$$` read back as `$`, lines kept
     assert env["DSTACK_VPN_PRIVATE_KEY"] == bundle["secrets"]["private"]
 
@@ -164,18 +166,18 @@ def test_entrypoint_passes_shellcheck(tmp_path):
 
 def test_the_image_holds_the_entrypoint_and_the_status_program_and_no_node_of_its_own(bundle):
     files = image_build.files()
-    assert set(files) == {image_build.ENTRYPOINT, plan.DSTACK_STATUS_PROGRAM}
-    assert files[plan.DSTACK_STATUS_PROGRAM][1] == render.status_program()
+    assert set(files) == {image_build.ENTRYPOINT, dstack.STATUS_PROGRAM}
+    assert files[dstack.STATUS_PROGRAM][1] == render.status_program()
     entrypoint = files[image_build.ENTRYPOINT][1]
     assert "apt-get" not in entrypoint and "{{" not in entrypoint
-    for value in ("node-d", "10.88.0.14", bundle["values"]["public_key"], bundle["values"]["hub_public_key"]):
+    for value in ("node-d", "10.88.0.14", bundle["node"].public_key, bundle["node"].hub_public_key):
         assert value not in entrypoint
     assert set(image_build.PACKAGES) >= {"wireguard-tools", "wireguard-go", "nftables", "iproute2", "python3"}
 
 
 def test_wireguard_config_reads_its_keys_from_files(bundle, tmp_path):
     from test_render import wg_quick_strip
-    text = render.render("wireguard/spoke.conf", **bundle["values"])
+    text = dstack.environment(bundle["node"])["DSTACK_VPN_WIREGUARD"] + "\n"
     assert "PrivateKey" not in text and "PresharedKey" not in text
     assert "PostUp = wg set %i private-key /run/dstack-vpn/private-key peer" in text
     assert "Endpoint = 203.0.113.5:51820" in wg_quick_strip(tmp_path, text)
@@ -183,7 +185,7 @@ def test_wireguard_config_reads_its_keys_from_files(bundle, tmp_path):
 
 def test_dstack_ruleset_loads_and_leaves_dstacks_own_traffic_alone(bundle, tmp_path):
     from test_render import nft_check
-    text = render.render("nftables/dstack.nft", **bundle["values"])
+    text = dstack.environment(bundle["node"])["DSTACK_VPN_FIREWALL"] + "\n"
     nft_check(tmp_path, text)
     assert "flush ruleset" not in text and 'iifname != "wg0" accept' in text
     assert text.index("ip saddr 10.88.0.1 drop") < text.index("ip saddr 10.88.0.0/24 accept")
@@ -220,7 +222,7 @@ def test_the_deploy_command_takes_its_secrets_on_stdin(run):
     assert set(app.inputs["environment"]) == {"DSTACK_VPN_COMPOSE"}
     assert program.is_secret_marker(app.inputs["stdin"])
     key_line, env_file = program.unwrap(app.inputs["stdin"]).split("\n", 1)
-    assert key_line == API_KEY and env_file.startswith(plan.DSTACK_ENV_PRIVATE_KEY + "=")
+    assert key_line == API_KEY and env_file.startswith(dstack.ENV_PRIVATE_KEY + "=")
     secrets = set(run.made_secrets) | {API_KEY}
     plain = [t for t in program.plain_strings(app.inputs)]
     assert not [s[:6] for s in secrets for t in plain if s in t]
@@ -333,7 +335,7 @@ def test_failures_are_reported_plainly(run, phala, tmp_path):
     assert not [s[:6] for s in secrets_of(run) if s in proc.stdout + proc.stderr]
     proc, _, _ = run_command(run, phala, tmp_path, "create", path="/usr/bin:/bin")
     assert proc.returncode != 0 and \
-        f"the Phala Cloud CLI is not on PATH (npm install -g phala@{plan.PHALA_CLI_VERSION})" in proc.stderr
+        f"the Phala Cloud CLI is not on PATH (npm install -g phala@{dstack.PHALA_CLI_VERSION})" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["answer", "bin", "calls.jsonl"]  # no work folder left behind
 
 

@@ -6,15 +6,17 @@ import subprocess
 
 import pytest
 
-from components import config, keys, plan, render
+from components import config, keys, render, topology
+from components.nodes.remote import hub_node, install_step, spoke_node
+from components.roles import firewall, forwarding, spoke_roles, wireguard
+from components.roles import status as status_role
 from conftest import need_root, need_tool
 
 SSH_KEY = keys.ssh_key_pair("t")[0]
 HOST_KEY = keys.ssh_key_pair("h")[1]
 
 
-@pytest.fixture(scope="module")
-def cfg():
+def example_config():
     raw = {"adminCidrs": ["203.0.113.10/32", "2001:db8::/48"], "sshPrivateKey": SSH_KEY,
            "spokes": [{"name": "node-a", "kind": "droplet"},
                       {"name": "node-b", "kind": "ssh", "host": "198.51.100.21", "port": 2222, "hostKey": HOST_KEY,
@@ -22,10 +24,15 @@ def cfg():
     return config.parse({k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()})
 
 
+@pytest.fixture(scope="module")
+def cfg():
+    return example_config()
+
+
 def hub_conf(cfg):
     peers = [{"name": s.name, "address": s.address, "public_key": keys.wireguard_public_key(keys.wireguard_private_key()),
               "preshared_key": keys.preshared_key() if s.preshared_key else None} for s in reversed(cfg.spokes)]
-    return render.render("wireguard/hub.conf", private_key=keys.wireguard_private_key(), peers=plan.hub_peers(peers),
+    return render.render("wireguard/hub.conf", private_key=keys.wireguard_private_key(), peers=topology.hub_peers(peers),
                          listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen)
 
 
@@ -76,7 +83,7 @@ def nft_check(tmp_path, text):
 
 
 def test_hub_ruleset_loads(cfg, tmp_path):
-    text = render.render("nftables/hub.nft", **plan.hub_firewall(cfg))
+    text = render.render("nftables/hub.nft", **firewall.values(hub_node(cfg)))
     nft_check(tmp_path, text)
     assert "flush ruleset" not in text
     assert 'iifname "wg0" oifname "wg0" accept' in text
@@ -85,7 +92,7 @@ def test_hub_ruleset_loads(cfg, tmp_path):
 
 
 def test_spoke_ruleset_loads(cfg, tmp_path):
-    text = render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, cfg.spokes[1]))
+    text = render.render("nftables/spoke.nft", **firewall.values(spoke_node(cfg, cfg.spokes[1])))
     nft_check(tmp_path, text)
     assert "flush ruleset" not in text
     assert "tcp dport 2222 accept" in text and "tcp dport 8000 accept" in text
@@ -94,20 +101,22 @@ def test_spoke_ruleset_loads(cfg, tmp_path):
 
 
 def test_ruleset_with_only_ipv6_admins_loads(cfg, tmp_path):
-    values = plan.hub_firewall(cfg)
+    values = firewall.values(hub_node(cfg))
     values.update(admin_v4=[], admin_v6=["2001:db8::/48"])
     nft_check(tmp_path, render.render("nftables/hub.nft", **values))
 
 
+# Every step's values, from the functions the roles use themselves (node-a: a droplet spoke).
+_CFG = example_config()
+_HUB_KEY = "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI="
+_SPOKE = spoke_node(_CFG, _CFG.spokes[0], hub_public_key=_HUB_KEY)
 SCRIPT_VALUES = {
-    "install": {},
-    "forwarding": plan.forwarding_values(),
-    "firewall": {"rules_dir": plan.RULES_DIR, "rules_path": plan.RULES_PATH},
-    "wireguard": {"interface": "wg0", "address": "10.88.0.11", "prefixlen": 24, "nudge_address": "10.88.0.1"},
-    "wireguard-hub": {"interface": "wg0", "address": "10.88.0.1", "prefixlen": 24, "nudge_address": None},
-    "status": {"install_dir": plan.STATUS_DIR, "node_name": "node-a", "overlay_ip": "10.88.0.11", "interface": "wg0",
-               "listen_address": "0.0.0.0", "listen_port": 8000,
-               "hub_public_key": "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI="},
+    "install": install_step(spoke_roles()).values,
+    "forwarding": forwarding.values(),
+    "firewall": firewall.step_values(),
+    "wireguard": wireguard.interface_values(_SPOKE),
+    "wireguard-hub": wireguard.interface_values(hub_node(_CFG)),
+    "status": status_role.values(_SPOKE),
 }
 
 
@@ -149,7 +158,7 @@ def test_firewall_unit_verifies(tmp_path):
     need_tool("systemd-analyze")
     need_tool("nft")
     unit = tmp_path / "dstack-vpn-firewall.service"
-    unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=plan.RULES_PATH))
+    unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=firewall.RULES_PATH))
     out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
@@ -159,7 +168,7 @@ def test_firewall_unit_with_the_forwarding_drop_in_verifies(tmp_path):
     need_tool("systemd-analyze")
     need_tool("nft")
     unit = tmp_path / "dstack-vpn-firewall.service"
-    unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=plan.RULES_PATH))
+    unit.write_text(render.render("systemd/dstack-vpn-firewall.service", rules_path=firewall.RULES_PATH))
     dropin = tmp_path / "dstack-vpn-firewall.service.d"
     dropin.mkdir()
     (dropin / "forwarding.conf").write_text(render.render("systemd/dstack-vpn-firewall-forwarding.conf"))
@@ -167,7 +176,7 @@ def test_firewall_unit_with_the_forwarding_drop_in_verifies(tmp_path):
     assert out.returncode == 0, out.stderr
     # forwarding is a post-step of loading the ruleset, not a sysctl.d file applied at early boot
     assert "ExecStartPost=/usr/sbin/sysctl -q -w net.ipv4.ip_forward=1" in (dropin / "forwarding.conf").read_text()
-    script = render.script("forwarding", "scripts/forwarding.sh", **plan.forwarding_values())
+    script = render.script("forwarding", "scripts/forwarding.sh", **forwarding.values())
     assert script.index("nft list table inet dstack_vpn") < script.index("sysctl -q -w net.ipv4.ip_forward=1")
 
 
@@ -179,26 +188,26 @@ def test_nudge_unit_reaches_only_the_hub_overlay_address(tmp_path):
 @pytest.mark.parametrize("kind,blocked", [("droplet", True), ("ssh", False)])
 def test_only_root_reaches_the_metadata_service_on_droplets(cfg, tmp_path, kind, blocked):
     spoke = next(s for s in cfg.spokes if s.kind == kind)
-    text = render.render("nftables/spoke.nft", **plan.spoke_firewall(cfg, spoke))
+    text = render.render("nftables/spoke.nft", **firewall.values(spoke_node(cfg, spoke)))
     nft_check(tmp_path, text)
     assert ("ip daddr 169.254.169.254 meta skuid != 0 drop" in text) == blocked
-    assert "ip daddr 169.254.169.254 meta skuid != 0 drop" in render.render("nftables/hub.nft", **plan.hub_firewall(cfg))
+    assert "ip daddr 169.254.169.254 meta skuid != 0 drop" in render.render("nftables/hub.nft", **firewall.values(hub_node(cfg)))
 
 
 @pytest.mark.parametrize("cidrs", [["203.0.113.0/24", "2001:db8::/48"], []])
 def test_status_cidrs_narrow_the_status_page_on_host_and_cloud(cfg, tmp_path, cidrs):
     narrowed = dataclasses.replace(cfg, status_cidrs=tuple(cidrs))
     spoke = next(s for s in narrowed.spokes if s.kind == "droplet")
-    text = render.render("nftables/spoke.nft", **plan.spoke_firewall(narrowed, spoke))
+    text = render.render("nftables/spoke.nft", **firewall.values(spoke_node(narrowed, spoke)))
     nft_check(tmp_path, text)
     assert ("elements = { 203.0.113.0/24 }" in text) == bool(cidrs)
-    rules = plan.cloud_firewall_inbound(narrowed, "spoke")
+    rules = topology.cloud_firewall_inbound(narrowed, spoke_node(narrowed, spoke).openings)
     status = [r for r in rules if r["port_range"] == str(cfg.status_port)]
     assert status == ([dict(protocol="tcp", port_range="8000", source_addresses=cidrs)] if cidrs else [])
 
 
 def test_dhcp_replies_are_accepted_only_from_the_underlay_server_side(cfg, tmp_path):
-    text = render.render("nftables/hub.nft", **plan.hub_firewall(cfg))
+    text = render.render("nftables/hub.nft", **firewall.values(hub_node(cfg)))
     dhcp = [line.strip() for line in text.splitlines() if "dport 68" in line or "dport 546" in line]
     assert dhcp == ["meta iiftype ether udp sport 67 udp dport 68 accept",
                     "meta iiftype ether ip6 saddr fe80::/10 udp sport 547 udp dport 546 accept"]

@@ -676,7 +676,7 @@ def test_a_warning_against_dependabot_secrets_is_no_advice():
 def test_deploy_installs_the_pinned_phala_cli_before_pulumi_up(deploy):
     """dstack spokes with `phala` settings are deployed by Phala's CLI from `pulumi up`: the runner
     must have the version the program's scripts name, exactly."""
-    from components import plan
+    from components.nodes import dstack
 
     steps = deploy["jobs"]["deploy"]["steps"]
     names = [s.get("name", s.get("uses", "")) for s in steps]
@@ -684,8 +684,8 @@ def test_deploy_installs_the_pinned_phala_cli_before_pulumi_up(deploy):
     up = next(i for i, s in enumerate(steps) if s.get("uses", "").startswith(PULUMI_ACTION))
     assert install < up
     step = steps[install]
-    assert step["env"]["PHALA_CLI_VERSION"] == plan.PHALA_CLI_VERSION
-    assert re.fullmatch(r"\d+\.\d+\.\d+", plan.PHALA_CLI_VERSION)
+    assert step["env"]["PHALA_CLI_VERSION"] == dstack.PHALA_CLI_VERSION
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dstack.PHALA_CLI_VERSION)
     assert 'npm install --global --no-fund --no-audit "phala@${PHALA_CLI_VERSION}"' in step["run"]
     assert steps[up]["env"]["DSTACK_VPN_PHALA_API_KEY"] == "${{ secrets.PHALA_CLOUD_API_KEY }}"
 

@@ -1,7 +1,7 @@
-"""A DigitalOcean droplet with a host key made by the program.
+"""Node kind `droplet`: a DigitalOcean droplet with a host key made by the program.
 
-Shared by the hub and `droplet` spokes: the droplet, its cloud firewall, and
-the SSH connection that checks the host key from the very first dial.
+Shared by the hub and `droplet` spokes: the droplet, its cloud firewall (the node's openings),
+and the SSH connection that checks the host key from the very first dial.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pulumi
 import pulumi_digitalocean as do
 from pulumi_command import remote
 
-from . import plan, render
-from .config import NetworkConfig
-from .keys import Key
-from .steps import Host
+from .. import render, topology
+from ..config import NetworkConfig
+from ..keys import Key
+from ..steps import Target
 
 # A new droplet needs a minute or two before sshd answers: keep dialling.
 DIAL_ERROR_LIMIT = 60
@@ -26,7 +26,7 @@ PER_DIAL_TIMEOUT = 10
 class Droplet:
     droplet: do.Droplet
     firewall: do.Firewall
-    host: Host
+    target: Target
 
 
 def host_key_line(public_line: str) -> str:
@@ -34,7 +34,7 @@ def host_key_line(public_line: str) -> str:
     return " ".join(public_line.split()[:2])
 
 
-def create(name: str, cfg: NetworkConfig, role: str, region: str, size: str, image: str,
+def create(name: str, cfg: NetworkConfig, openings: Sequence[topology.Opening], region: str, size: str, image: str,
            deploy_key: pulumi.Output[str], ssh_key_id: pulumi.Input[str], tags: Sequence[pulumi.Input[str]],
            parent: pulumi.Resource) -> Droplet:
     child = pulumi.ResourceOptions(parent=parent)
@@ -53,12 +53,12 @@ def create(name: str, cfg: NetworkConfig, role: str, region: str, size: str, ima
     droplet_id = droplet.id.apply(int)
     firewall = do.Firewall(
         f"{name}-cloud-firewall", name=f"{name}-cloud-firewall", droplet_ids=[droplet_id],
-        inbound_rules=[do.FirewallInboundRuleArgs(**r) for r in plan.cloud_firewall_inbound(cfg, role)],
-        outbound_rules=[do.FirewallOutboundRuleArgs(**r) for r in plan.cloud_firewall_outbound()],
+        inbound_rules=[do.FirewallInboundRuleArgs(**r) for r in topology.cloud_firewall_inbound(cfg, openings)],
+        outbound_rules=[do.FirewallOutboundRuleArgs(**r) for r in topology.cloud_firewall_outbound()],
         opts=child)
     connection = remote.ConnectionArgs(
         host=droplet.ipv4_address, port=22, user="root", private_key=deploy_key,
         host_key=host_key.public_key.apply(host_key_line),
         dial_error_limit=DIAL_ERROR_LIMIT, per_dial_timeout=PER_DIAL_TIMEOUT)
     # A replaced droplet gets every step again, from the start; nothing on the old one is undone.
-    return Droplet(droplet, firewall, Host(name, connection, "root", triggers=[droplet.id], undo=False))
+    return Droplet(droplet, firewall, Target(name, connection, "root", triggers=[droplet.id], undo=False))

@@ -1,0 +1,96 @@
+"""Roles: what runs on a node. One module each; a role knows nothing of SSH, droplets or compose.
+
+A role declares, in its module:
+- `config_keys`: the stack settings it reads (components/config.py validates them with the rest);
+- `packages`: the Debian packages it needs (the install step on hosts, the spoke image);
+- `openings(node)`: the ports it opens over the underlay, and to whom (topology.Opening);
+- `steps(node)`: its remote steps on a host reached over SSH (components/steps.Step), each
+  naming what it waits for on another node (`after`);
+- `compose(node)`: its part of a dstack spoke's app (variables of the compose file).
+
+A node kind (components/nodes/) runs a node's roles its own way: as remote steps, in the roles'
+order after the install step, or as one compose app. Adding a role is a module here, its
+templates and its tests, and its name in the role lists below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import pulumi
+
+from ..config import NetworkConfig, SpokeConfig
+from ..steps import Step
+from ..topology import Opening
+
+
+@dataclass
+class Node:
+    """What a role sees of its node: the settings, its place in the topology, its keys (outputs)."""
+    cfg: NetworkConfig
+    name: str
+    address: str
+    kind: str
+    """droplet, ssh or dstack (the hub is a droplet)"""
+    spoke: Optional[SpokeConfig]
+    """None on the hub"""
+    private_key: pulumi.Input[str] = None
+    public_key: pulumi.Input[str] = None
+    preshared_key: Optional[pulumi.Input[str]] = None
+    hub_public_key: pulumi.Input[str] = None
+    hub_endpoint: pulumi.Input[str] = None
+    peers: pulumi.Input[Sequence[dict]] = None
+    """the hub's: one entry per spoke (name, address, public_key, preshared_key)"""
+    openings: list[Opening] = field(default_factory=list)
+    """every opening of the node's roles and kind (the firewall builds its ruleset from them)"""
+    key_dir: Optional[str] = None
+    """a dstack app's: where its entrypoint keeps the keys (the config reads them from there)"""
+    metadata_service: bool = False
+    """a cloud metadata service serves this node's secrets to local processes (a droplet's)"""
+
+    @property
+    def is_hub(self) -> bool:
+        return self.spoke is None
+
+
+class Role:
+    name: str = ""
+    config_keys: frozenset[str] = frozenset()
+    packages: tuple[str, ...] = ()
+    """installed by the install step on hosts, and in the spoke image"""
+    userspace: tuple[str, ...] = ()
+    """installed where the kernel has no WireGuard (and in the spoke image)"""
+    image_packages: tuple[str, ...] = ()
+    """only in the spoke image: what every host OS already has"""
+
+    def openings(self, node: Node) -> list[Opening]:
+        return []
+
+    def steps(self, node: Node) -> list[Step]:
+        return []
+
+    def compose(self, node: Node) -> dict[str, Any]:
+        """Variables of the dstack app's compose file (public only), from a node whose values are
+        known (no outputs: the kind resolves them first)."""
+        return {}
+
+
+# A node's roles. The order is that of their packages; their steps are ordered by what each
+# waits for (Step.after).
+def hub_roles() -> list[Role]:
+    from . import firewall, forwarding, wireguard
+    return [wireguard.HUB, firewall.ROLE, forwarding.ROLE]
+
+
+def spoke_roles() -> list[Role]:
+    from . import firewall, status, wireguard
+    return [wireguard.SPOKE, firewall.ROLE, status.ROLE]
+
+
+def all_roles() -> list[Role]:
+    return list({id(r): r for r in hub_roles() + spoke_roles()}.values())
+
+
+def declared(roles: Sequence[Role], what: str = "packages") -> list[str]:
+    """The roles' `packages` (or `userspace`, `image_packages`), each once, in the roles' order."""
+    return list(dict.fromkeys(p for role in roles for p in getattr(role, what)))

@@ -1,0 +1,53 @@
+"""Role `firewall`: one nftables table of our own on every node, built from the node's openings.
+
+On a host: /etc/dstack-vpn/firewall.nft, checked and swapped in atomically by a remote step and
+reloaded at boot by dstack-vpn-firewall.service. The hub routes spoke to spoke and originates
+nothing on the overlay; a spoke accepts other spokes over the overlay and never the hub. On a
+dstack spoke the table governs the overlay only (the rest of a CVM is dstack's).
+"""
+from __future__ import annotations
+
+from .. import render, topology
+from ..steps import Step
+from . import Node, Role
+
+RULES_DIR = "/etc/dstack-vpn"
+RULES_PATH = RULES_DIR + "/firewall.nft"
+
+
+def values(node: Node) -> dict:
+    """The ruleset's values (hub or spoke), from the node's openings and the topology."""
+    cfg = node.cfg
+    sets = topology.firewall_sets(cfg, node.openings)
+    common = dict(admin_v4=sets["admin_v4"], admin_v6=sets["admin_v6"], ssh_port=sets["admin_port"],
+                  interface=cfg.interface, block_metadata=node.metadata_service, public=sets["public"])
+    if node.is_hub:
+        return dict(common, listen_port=cfg.listen_port)
+    status = {k: sets[k] for k in ("status_port", "status_v4", "status_v6") if k in sets}
+    return dict(common, hub_address=cfg.hub.address, overlay=cfg.overlay, **status)
+
+
+def step_values() -> dict:
+    """The firewall step's script values (its ruleset goes on stdin)."""
+    return {"rules_dir": RULES_DIR, "rules_path": RULES_PATH}
+
+
+def dstack_values(node: Node) -> dict:
+    cfg = node.cfg
+    return dict(interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay)
+
+
+class Firewall(Role):
+    name = "firewall"
+    config_keys = frozenset({"adminCidrs"})
+    packages = ("nftables",)
+
+    def steps(self, node: Node) -> list[Step]:
+        ruleset = render.render("nftables/hub.nft" if node.is_hub else "nftables/spoke.nft", **values(node))
+        return [Step("firewall", step_values(), ruleset, after=("install",))]
+
+    def compose(self, node: Node) -> dict:
+        return {"DSTACK_VPN_FIREWALL": render.render("nftables/dstack.nft", **dstack_values(node)).rstrip("\n")}
+
+
+ROLE = Firewall()

@@ -1,0 +1,38 @@
+"""Role `status`: the read-only status page on every spoke (status/dstack_vpn_status.py).
+
+On a host: dstack-vpn-status.service (no capability at all) and its root helper, socket-activated,
+which hands it the peer dump without keys. In a dstack app: the same two processes, started by the
+spoke image's entrypoint. Open over the underlay to statusCidrs, over the overlay to other spokes.
+"""
+from __future__ import annotations
+
+from .. import render, topology
+from ..steps import Step
+from . import Node, Role
+
+STATUS_DIR = "/usr/local/lib/dstack-vpn"
+
+
+def values(node: Node) -> dict:
+    """The status service's settings (it listens on every address; the firewall decides)."""
+    cfg = node.cfg
+    return dict(install_dir=STATUS_DIR, node_name=node.name, overlay_ip=node.address, interface=cfg.interface,
+                listen_address="0.0.0.0", listen_port=cfg.status_port, hub_public_key=node.hub_public_key)
+
+
+class Status(Role):
+    name = "status"
+    config_keys = frozenset({"statusPort", "statusCidrs"})
+    image_packages = ("python3",)  # hosts have it; the spoke image needs it
+
+    def openings(self, node: Node) -> list[topology.Opening]:
+        return [topology.Opening("tcp", node.cfg.status_port, topology.STATUS)]
+
+    def steps(self, node: Node) -> list[Step]:
+        return [Step("status", values(node), render.status_program(), after=("wireguard",))]
+
+    def compose(self, node: Node) -> dict:
+        return {"DSTACK_VPN_STATUS_PORT": str(node.cfg.status_port)}
+
+
+ROLE = Status()

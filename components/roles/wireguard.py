@@ -1,0 +1,85 @@
+"""Roles `wireguard-hub` and `wireguard-spoke`: the tunnel. The hub listens and knows every spoke
+as a peer; a spoke dials the hub, its only peer, and reaches every other spoke through it.
+
+On a host: /etc/wireguard/wg0.conf (0600, on the step's stdin) and wg-quick@wg0, a running
+interface changed peer by peer; on spokes also dstack-vpn-nudge (one packet to the hub every
+10 s). In a dstack app: the config in the compose file, the keys in files of its own tmpfs.
+"""
+from __future__ import annotations
+
+import pulumi
+
+from .. import render, topology
+from ..steps import Step
+from . import Node, Role
+
+# Installed where the kernel has no WireGuard (the install step checks; the spoke image has it).
+USERSPACE = ("wireguard-go",)
+
+
+def interface_values(node: Node) -> dict:
+    """The wireguard step's values; a spoke's also name the hub's overlay address, which it
+    sends a packet to every 10 s (templates/systemd/dstack-vpn-nudge.service)."""
+    cfg = node.cfg
+    return dict(interface=cfg.interface, address=node.address, prefixlen=cfg.prefixlen,
+                nudge_address=None if node.is_hub else cfg.hub.address)
+
+
+def hub_config(node: Node) -> pulumi.Output[str]:
+    cfg = node.cfg
+    return pulumi.Output.all(node.private_key, node.peers).apply(
+        lambda v: render.render("wireguard/hub.conf", private_key=v[0], peers=topology.hub_peers(v[1]),
+                                listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen))
+
+
+def spoke_config(node: Node, **more) -> pulumi.Output[str]:
+    """A spoke's wg-quick config: with its keys in it (hosts), or with key_dir=... reading them from
+    files (a dstack app)."""
+    cfg = node.cfg
+    return pulumi.Output.all(node.private_key, node.preshared_key, node.hub_public_key, node.hub_endpoint).apply(
+        lambda v: render.render("wireguard/spoke.conf", private_key=v[0], preshared_key=v[1],
+                                hub_public_key=v[2], hub_endpoint=v[3], listen_port=cfg.listen_port,
+                                overlay=cfg.overlay, address=node.address, prefixlen=cfg.prefixlen, **more))
+
+
+class WireguardHub(Role):
+    name = "wireguard-hub"
+    config_keys = frozenset({"listenPort", "interface"})
+    packages = ("wireguard-tools",)
+    userspace = USERSPACE
+
+    def openings(self, node: Node) -> list[topology.Opening]:
+        return [topology.Opening("udp", node.cfg.listen_port, topology.PUBLIC)]
+
+    def steps(self, node: Node) -> list[Step]:
+        # The peer step: the only hub step a new spoke changes.
+        return [Step("wireguard", interface_values(node), pulumi.Output.secret(hub_config(node)), secret=True,
+                     after=("firewall", "forwarding"))]
+
+
+class WireguardSpoke(Role):
+    name = "wireguard-spoke"
+    config_keys = WireguardHub.config_keys
+    packages = ("wireguard-tools",)
+    userspace = USERSPACE
+
+    def steps(self, node: Node) -> list[Step]:
+        # A new spoke's tunnel comes up once the hub knows it.
+        return [Step("wireguard", interface_values(node), pulumi.Output.secret(spoke_config(node)), secret=True,
+                     after=("firewall", "hub/wireguard"))]
+
+    def compose(self, node: Node) -> dict:
+        cfg = node.cfg
+        # (no key in the text: with key_dir the config reads both keys from files)
+        text = render.render("wireguard/spoke.conf", key_dir=node.key_dir, preshared_key=node.preshared_key,
+                             hub_public_key=node.hub_public_key, hub_endpoint=node.hub_endpoint,
+                             listen_port=cfg.listen_port, overlay=cfg.overlay, address=node.address,
+                             prefixlen=cfg.prefixlen)
+        return {"DSTACK_VPN_INTERFACE": cfg.interface, "DSTACK_VPN_PUBLIC_KEY": node.public_key,
+                "DSTACK_VPN_HUB_PUBLIC_KEY": node.hub_public_key, "DSTACK_VPN_HUB_ADDRESS": cfg.hub.address,
+                "DSTACK_VPN_HUB_ENDPOINT": f"{node.hub_endpoint}:{cfg.listen_port}",
+                "DSTACK_VPN_WIREGUARD": text.rstrip("\n")}
+
+
+HUB = WireguardHub()
+SPOKE = WireguardSpoke()

@@ -1,0 +1,70 @@
+"""The network's shape, pure: the hub's peers, who may reach a node's ports, the cloud firewall
+that mirrors a host's ruleset. Every role reads it; nothing here knows Pulumi, SSH or compose."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from .config import NetworkConfig
+
+ANYWHERE = ("0.0.0.0/0", "::/0")
+
+# Who an opening is for (Opening.source).
+PUBLIC = "public"     # the whole Internet, over the underlay
+ADMIN = "admin"       # adminCidrs, over the underlay
+STATUS = "status"     # statusCidrs, over the underlay
+SOURCES = (PUBLIC, ADMIN, STATUS)
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A port a node opens over the underlay, and to whom. The host ruleset and the DigitalOcean
+    firewall are both built from a node's openings. (Over the overlay, a spoke accepts other spokes
+    on every port and never the hub: that is the spoke ruleset's own rule, not an opening.)"""
+    proto: str
+    port: int
+    source: str
+
+    def __post_init__(self):
+        assert self.proto in ("tcp", "udp") and self.source in SOURCES, self
+
+
+def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
+    """CIDRs by family, for the nftables sets."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    return ([str(n) for n in nets if n.version == 4], [str(n) for n in nets if n.version == 6])
+
+
+def source_cidrs(cfg: NetworkConfig, source: str) -> list[str]:
+    return list({PUBLIC: ANYWHERE, ADMIN: cfg.admin_cidrs, STATUS: cfg.status_cidrs}[source])
+
+
+def hub_peers(peers: Sequence[Mapping[str, str | None]]) -> list[dict]:
+    """The hub's peer list, one entry per spoke, in address order (stable output)."""
+    return sorted((dict(p) for p in peers), key=lambda p: ipaddress.ip_address(p["address"]))
+
+
+def firewall_sets(cfg: NetworkConfig, openings: Sequence[Opening]) -> dict:
+    """The ruleset's values from a node's openings: the port (and sets) of each source."""
+    values: dict = {}
+    for source in (ADMIN, STATUS):
+        ports = [o.port for o in openings if o.source == source and o.proto == "tcp"]
+        if ports:
+            values[f"{source}_port"] = ports[0]
+            values[f"{source}_v4"], values[f"{source}_v6"] = split_cidrs(source_cidrs(cfg, source))
+    values["public"] = [o for o in openings if o.source == PUBLIC]
+    return values
+
+
+def cloud_firewall_inbound(cfg: NetworkConfig, openings: Sequence[Opening]) -> list[dict]:
+    """DigitalOcean cloud firewall: the provider-side twin of the host ruleset, opening for opening.
+    DigitalOcean takes no rule without a source: an opening to an empty list is left out."""
+    return [dict(protocol=o.proto, port_range=str(o.port), source_addresses=source_cidrs(cfg, o.source))
+            for o in openings if source_cidrs(cfg, o.source)]
+
+
+def cloud_firewall_outbound() -> list[dict]:
+    """Outbound is open (a DigitalOcean firewall without outbound rules blocks it all)."""
+    return [dict(protocol=p, port_range="1-65535" if p != "icmp" else None, destination_addresses=list(ANYWHERE))
+            for p in ("tcp", "udp", "icmp")]
