@@ -7,7 +7,7 @@ import pulumi
 import pulumi_digitalocean as do
 from pulumi_command import remote
 
-from .config import HUB_NAME, NetworkConfig
+from .config import NetworkConfig
 from .nodes import droplet
 from .nodes.remote import hub_node, run_roles
 from .roles import hub_roles

@@ -32,8 +32,9 @@ import yaml
 
 from . import diffs
 from .engine import Engine, Record
-from .hosts import UNDERLAY
+from .underlay import UNDERLAY
 from .packages import suite_for_image
+from .ssh import ssh_argv
 
 if TYPE_CHECKING:
     from .hosts import Lab
@@ -373,22 +374,19 @@ class Cloud:
                 f.write(conn["privateKey"])
             # LogLevel INFO: OpenSSH reports a failed negotiation (e.g. no common host key
             # algorithm) at that level only.
-            argv = ["ip", "netns", "exec", self.lab.op_ns, "ssh", "-F", "/dev/null", "-i", str(key),
-                    "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
-                    "-o", "LogLevel=INFO", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
-                    "-p", str(port)]
+            options = {"ConnectTimeout": str(timeout), "LogLevel": "INFO", "ServerAliveInterval": "5",
+                       "ServerAliveCountMax": "6"}
+            known = None
             if conn.get("hostKey"):
                 known = Path(tmp) / "known_hosts"
                 target = host if port == 22 else f"[{host}]:{port}"
                 known.write_text(f"{target} {conn['hostKey']}\n")
                 # pulumi-command offers the server only the pinned key's own type (Go's
                 # publicKey.Type(): `ssh-rsa` means SHA-1 RSA), not OpenSSH's negotiated list.
-                argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-                         "-o", f"HostKeyAlgorithms={conn['hostKey'].split()[0]}"]
-            else:
-                argv += ["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"]
+                options["HostKeyAlgorithms"] = conn["hostKey"].split()[0]
             env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (inputs.get("environment") or {}).items())
-            argv += [f"{user}@{host}", f"env {env_prefix} {command}" if env_prefix else command]
+            argv = ssh_argv(self.lab.op_ns, key, f"{user}@{host}", f"env {env_prefix} {command}" if env_prefix else command,
+                            port=port, known_hosts=known, options=options)
             for dial in range(1, limit + 2):
                 proc = subprocess.run(argv, input=stdin or "", capture_output=True, text=True, timeout=900)
                 # ssh says 255 for its own failures (refused, unreachable, host key): dial again

@@ -27,9 +27,9 @@ import pulumi
 import yaml
 from pulumi.runtime import mocks as pmocks
 from pulumi.runtime import rpc
-from pulumi.runtime import sync_await
 from pulumi.runtime.proto import resource_pb2
 
+from . import sdk
 from .runner import ROOT, SECRET_KEYS, run_program
 
 
@@ -291,16 +291,16 @@ class _Monitor(pmocks.MockMonitor):
         urn = self.make_urn(request.parent, request.type, request.name)
         if request.type == "pulumi:pulumi:Stack" or not request.custom:
             return resource_pb2.RegisterResourceResponse(urn=urn)
-        pmocks._ensure_event_loop()
+        sdk.ensure_event_loop()
         inputs = rpc.deserialize_properties(request.object)
         id_, outputs = self.engine.register(urn, request, _plain(inputs))
-        obj = sync_await._sync_await(rpc.serialize_properties(outputs, {}))
+        obj = sdk.wait(rpc.serialize_properties(outputs, {}))
         return resource_pb2.RegisterResourceResponse(urn=urn, id=id_, object=obj)
 
 
 def _plain(value: Any) -> Any:
     """Inputs as JSON-able values, secret markers taken off (the state file stores them)."""
-    if isinstance(value, dict) and value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+    if sdk.is_secret(value):
         return _plain(value.get("value"))
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

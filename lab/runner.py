@@ -13,7 +13,8 @@ from typing import Any
 import pulumi
 from pulumi.runtime import settings as psettings
 from pulumi.runtime import stack as pstack
-from pulumi.runtime import sync_await
+
+from . import sdk
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "dstack-vpn"
@@ -42,17 +43,17 @@ def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], st
     sys.path.insert(0, str(program.parent))
     try:
         try:
-            sync_await._sync_await(pstack.run_pulumi_func(lambda: runpy.run_path(str(program), run_name="__main__")))
+            sdk.wait(pstack.run_pulumi_func(lambda: runpy.run_path(str(program), run_name="__main__")))
         except Exception:
             if continue_on_error:
-                sync_await._sync_await(_drain())
+                sdk.wait(_drain())
             raise
         root = psettings.get_root_resource()
         exports = getattr(root, "outputs", None) or {}
         if secret_outputs is not None:
             secret_outputs.update(k for k, v in exports.items()
-                                  if sync_await._sync_await(pulumi.Output.from_input(v).is_secret()))
-        return {key: sync_await._sync_await(pulumi.Output.from_input(value).future(with_unknowns=True))
+                                  if sdk.wait(pulumi.Output.from_input(v).is_secret()))
+        return {key: sdk.wait(pulumi.Output.from_input(value).future(with_unknowns=True))
                 for key, value in exports.items()}
     finally:
         sys.path.remove(str(program.parent))
@@ -63,11 +64,7 @@ def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], st
 
 async def _drain() -> None:
     """Let every outstanding registration settle, failed or not."""
-    manager = psettings._get_rpc_manager()
-    while manager.rpcs or psettings.SETTINGS.outputs:
-        pending = list(manager.rpcs) + list(psettings.SETTINGS.outputs)
-        manager.rpcs.clear()
-        psettings.SETTINGS.outputs.clear()
+    while pending := sdk.pending():
         await asyncio.gather(*pending, return_exceptions=True)
 
 

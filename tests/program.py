@@ -17,10 +17,9 @@ import yaml
 from google.protobuf import json_format
 from pulumi.runtime import mocks as pmocks
 
+from lab import sdk
 from lab.runner import PROJECT, ROOT, SECRET_KEYS, run_program
 
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
-SIG_KEY = "4dabf18193072939515e22adb298388d"
 DYNAMIC = "pulumi-python:dynamic:Resource"
 # A dstack spoke's image in the tests' stacks: a reference by digest, as config requires.
 SPOKE_IMAGE = "ghcr.io/example/dstack-vpn-spoke@sha256:" + "5e" * 32
@@ -41,7 +40,7 @@ class Registration:
 
 
 def is_secret_marker(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(SIG_KEY) == SECRET_SIG
+    return sdk.is_secret(value)
 
 
 def plain_strings(value: Any):

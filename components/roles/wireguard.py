@@ -25,21 +25,22 @@ def interface_values(node: Node) -> dict:
                 nudge_address=None if node.is_hub else cfg.hub.address)
 
 
-def hub_config(node: Node) -> pulumi.Output[str]:
+def hub_conf(node: Node, private_key: str, peers: list[dict]) -> str:
+    """The hub's wg-quick config: its key and one peer per spoke."""
     cfg = node.cfg
-    return pulumi.Output.all(node.private_key, node.peers).apply(
-        lambda v: render.render("wireguard/hub.conf", private_key=v[0], peers=topology.hub_peers(v[1]),
-                                listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen))
+    return render.render("wireguard/hub.conf", private_key=private_key, peers=topology.hub_peers(peers),
+                         listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen)
 
 
-def spoke_config(node: Node, **more) -> pulumi.Output[str]:
-    """A spoke's wg-quick config: with its keys in it (hosts), or with key_dir=... reading them from
-    files (a dstack app)."""
+def spoke_conf(node: Node, private_key: str | None, preshared_key: str | bool | None, hub_public_key: str,
+               hub_endpoint: str) -> str:
+    """A spoke's wg-quick config: with its keys in it (a host), or, where the node keeps its keys
+    in files (node.key_dir: a dstack app), naming those files (preshared_key: whether it has one)."""
     cfg = node.cfg
-    return pulumi.Output.all(node.private_key, node.preshared_key, node.hub_public_key, node.hub_endpoint).apply(
-        lambda v: render.render("wireguard/spoke.conf", private_key=v[0], preshared_key=v[1],
-                                hub_public_key=v[2], hub_endpoint=v[3], listen_port=cfg.listen_port,
-                                overlay=cfg.overlay, address=node.address, prefixlen=cfg.prefixlen, **more))
+    keys = dict(key_dir=node.key_dir) if node.key_dir else dict(private_key=private_key)
+    return render.render("wireguard/spoke.conf", preshared_key=preshared_key, hub_public_key=hub_public_key,
+                         hub_endpoint=hub_endpoint, listen_port=cfg.listen_port, overlay=cfg.overlay,
+                         address=node.address, prefixlen=cfg.prefixlen, **keys)
 
 
 class WireguardHub(Role):
@@ -53,7 +54,8 @@ class WireguardHub(Role):
 
     def steps(self, node: Node) -> list[Step]:
         # The peer step: the only hub step a new spoke changes.
-        return [Step("wireguard", interface_values(node), pulumi.Output.secret(hub_config(node)), secret=True,
+        conf = pulumi.Output.all(node.private_key, node.peers).apply(lambda v: hub_conf(node, *v))
+        return [Step("wireguard", interface_values(node), pulumi.Output.secret(conf), secret=True,
                      after=("firewall", "forwarding"))]
 
 
@@ -65,16 +67,15 @@ class WireguardSpoke(Role):
 
     def steps(self, node: Node) -> list[Step]:
         # A new spoke's tunnel comes up once the hub knows it.
-        return [Step("wireguard", interface_values(node), pulumi.Output.secret(spoke_config(node)), secret=True,
+        conf = pulumi.Output.all(node.private_key, node.preshared_key, node.hub_public_key,
+                                 node.hub_endpoint).apply(lambda v: spoke_conf(node, *v))
+        return [Step("wireguard", interface_values(node), pulumi.Output.secret(conf), secret=True,
                      after=("firewall", "hub/wireguard"))]
 
     def compose(self, node: Node) -> dict:
         cfg = node.cfg
-        # (no key in the text: with key_dir the config reads both keys from files)
-        text = render.render("wireguard/spoke.conf", key_dir=node.key_dir, preshared_key=node.preshared_key,
-                             hub_public_key=node.hub_public_key, hub_endpoint=node.hub_endpoint,
-                             listen_port=cfg.listen_port, overlay=cfg.overlay, address=node.address,
-                             prefixlen=cfg.prefixlen)
+        # (no key in the text: the config reads both keys from files under node.key_dir)
+        text = spoke_conf(node, None, node.preshared_key, node.hub_public_key, node.hub_endpoint)
         return {"DSTACK_VPN_INTERFACE": cfg.interface, "DSTACK_VPN_PUBLIC_KEY": node.public_key,
                 "DSTACK_VPN_HUB_PUBLIC_KEY": node.hub_public_key, "DSTACK_VPN_HUB_ADDRESS": cfg.hub.address,
                 "DSTACK_VPN_HUB_ENDPOINT": f"{node.hub_endpoint}:{cfg.listen_port}",

@@ -285,7 +285,7 @@ def _assert_nothing_left(lab: Lab, launcher_pids: list[int]) -> None:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     mine = [p for p in Path("/proc").glob("[0-9]*/cmdline")
-            if b"lab.hosts import _launch" in p.read_bytes() and str(lab.state_dir).encode() in p.read_bytes()]
+            if b"lab.machine import _launch" in p.read_bytes() and str(lab.state_dir).encode() in p.read_bytes()]
     assert not mine
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{lab.prefix}*"))
     assert not list(Path("/sys/fs/cgroup").glob(f"{lab.prefix}*"))

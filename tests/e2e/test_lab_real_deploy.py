@@ -120,10 +120,14 @@ def test_the_lab_dials_as_pulumi_command_an_rsa_host_key_is_refused(net):
     from lab.cloud import CommandError
 
     host = net.lab.hosts["node-b"]
-    net.lab.ssh(host, "ssh-keygen -q -t rsa -b 3072 -N '' -f /etc/ssh/ssh_host_rsa_key >/dev/null; "
-                      "systemctl reload ssh", timeout=30)
+    made = net.lab.ssh(host, "ssh-keygen -q -t rsa -b 3072 -N '' -f /etc/ssh/ssh_host_rsa_key >/dev/null && "
+                             "cat /etc/ssh/ssh_host_rsa_key.pub && systemctl reload ssh", timeout=30)
     try:
-        rsa = " ".join(net.lab.ssh(host, "cat /etc/ssh/ssh_host_rsa_key.pub", timeout=30).stdout.split()[:2])
+        # (read before the reload: sshd re-executes itself on SIGHUP and may refuse a login meanwhile;
+        # an empty key here would mean no host key check at all, and a dial that passes)
+        rsa = " ".join(made.stdout.split()[:2])
+        assert made.returncode == 0 and rsa.startswith("ssh-rsa "), (made.stdout, made.stderr)
+        host.wait_ssh(timeout=30)
         deploy = net.deploy_key()[0]
         conn = {"host": host.address, "port": 22, "user": "root", "privateKey": deploy, "dialErrorLimit": 0}
         inputs = {"connection": {**conn, "hostKey": rsa}, "logging": "none"}

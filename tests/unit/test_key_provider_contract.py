@@ -34,7 +34,7 @@ def struct(values: dict) -> struct_pb2.Struct:
 
 
 def test_the_program_pickles_the_recorded_reference():
-    from pulumi.dynamic.dynamic import serialize_provider
+    from lab.sdk import serialize_provider
 
     assert serialize_provider(keys.KeyProvider()) == BLOB, (
         "the key provider's pickled reference changed: every key in every deployed stack names the old one")

@@ -32,16 +32,13 @@ def cfg():
 def hub_conf(cfg):
     peers = [{"name": s.name, "address": s.address, "public_key": keys.wireguard_public_key(keys.wireguard_private_key()),
               "preshared_key": keys.preshared_key() if s.preshared_key else None} for s in reversed(cfg.spokes)]
-    return render.render("wireguard/hub.conf", private_key=keys.wireguard_private_key(), peers=topology.hub_peers(peers),
-                         listen_port=cfg.listen_port, address=cfg.hub.address, prefixlen=cfg.prefixlen)
+    return wireguard.hub_conf(hub_node(cfg), keys.wireguard_private_key(), peers)
 
 
 def spoke_conf(cfg, psk=True):
-    return render.render("wireguard/spoke.conf", private_key=keys.wireguard_private_key(),
-                         preshared_key=keys.preshared_key() if psk else None,
-                         hub_public_key=keys.wireguard_public_key(keys.wireguard_private_key()),
-                         hub_endpoint="203.0.113.5", listen_port=cfg.listen_port, overlay=cfg.overlay,
-                         address=cfg.spokes[0].address, prefixlen=cfg.prefixlen)
+    return wireguard.spoke_conf(spoke_node(cfg, cfg.spokes[0]), keys.wireguard_private_key(),
+                                keys.preshared_key() if psk else None,
+                                keys.wireguard_public_key(keys.wireguard_private_key()), "203.0.113.5")
 
 
 def wg_quick_strip(tmp_path, text):

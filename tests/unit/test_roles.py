@@ -8,7 +8,7 @@ import pytest
 from components import config, render, topology
 from components.nodes import dstack
 from components.nodes.remote import hub_node, install_step, openings, spoke_node
-from components.roles import Node, Role, all_roles, declared, firewall, hub_roles, spoke_roles
+from components.roles import Node, Role, all_roles, firewall, hub_roles, spoke_roles
 from components.steps import Step, ordered
 from components.keys import ssh_key_pair
 from test_render import example_config, nft_check
