@@ -28,6 +28,7 @@ from pathlib import Path
 
 from components import render
 from components.nodes import dstack
+from components.roles import wireguard
 
 SUITE = "bookworm"
 # What the entrypoint runs: the packages a dstack spoke's roles declare (WireGuard, kernel or
@@ -53,8 +54,10 @@ def files() -> dict[str, tuple[int, str]]:
     """Path in the image -> (mode, text): what dstack-vpn adds to the Debian tree."""
     return {
         ENTRYPOINT: (0o755, render.render("dstack/entrypoint.sh", key_dir=dstack.KEY_DIR,
-                                          status_program=dstack.STATUS_PROGRAM, bundle=dstack.BUNDLE)),
+                                          status_program=dstack.STATUS_PROGRAM, bundle=dstack.BUNDLE,
+                                          **wireguard.watchdog_values())),
         dstack.STATUS_PROGRAM: (0o644, render.status_program()),
+        wireguard.WATCHDOG: (0o755, render.render("wireguard/watchdog.sh", **wireguard.watchdog_values())),
     }
 
 

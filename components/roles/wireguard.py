@@ -2,8 +2,9 @@
 as a peer; a spoke dials the hub, its only peer, and reaches every other spoke through it.
 
 On a host: /etc/wireguard/wg0.conf (0600, on the step's stdin) and wg-quick@wg0, a running
-interface changed peer by peer; on spokes also dstack-vpn-nudge (one packet to the hub every
-10 s). In a dstack app: the config in the compose file, the keys in files of its own tmpfs.
+interface changed peer by peer; on spokes also dstack-vpn-nudge (the tunnel's watchdog: a
+silent hub gets a fresh handshake within seconds). The hub answers its spokes' echo requests
+on the overlay. In a dstack app: the config in the compose file, the keys in files of its own tmpfs.
 """
 from __future__ import annotations
 
@@ -15,14 +16,22 @@ from . import Node, Role
 
 # Installed where the kernel has no WireGuard (the install step checks; the spoke image has it).
 USERSPACE = ("wireguard-go",)
+# A spoke's watchdog (templates/wireguard/watchdog.sh): the program, and how many seconds of a
+# silent hub make it set the hub's peer again (a fresh handshake).
+WATCHDOG = "/usr/local/lib/dstack-vpn/watchdog.sh"
+WATCHDOG_MISSES = 3
 
 
 def interface_values(node: Node) -> dict:
-    """The wireguard step's values; a spoke's also name the hub's overlay address, which it
-    sends a packet to every 10 s (templates/systemd/dstack-vpn-nudge.service)."""
+    """The wireguard step's values; a spoke's also name the hub's overlay address, which its
+    watchdog asks once a second (templates/systemd/dstack-vpn-nudge.service)."""
     cfg = node.cfg
     return dict(interface=cfg.interface, address=node.address, prefixlen=cfg.prefixlen,
-                nudge_address=None if node.is_hub else cfg.hub.address)
+                nudge_address=None if node.is_hub else cfg.hub.address, **watchdog_values())
+
+
+def watchdog_values() -> dict:
+    return dict(watchdog=WATCHDOG, misses=WATCHDOG_MISSES)
 
 
 def hub_conf(node: Node, private_key: str, peers: list[dict]) -> str:
@@ -62,7 +71,7 @@ class WireguardHub(Role):
 class WireguardSpoke(Role):
     name = "wireguard-spoke"
     config_keys = WireguardHub.config_keys
-    packages = ("wireguard-tools",)
+    packages = ("wireguard-tools", "iputils-ping")  # ping: the watchdog
     userspace = USERSPACE
 
     def steps(self, node: Node) -> list[Step]:

@@ -60,9 +60,11 @@ DUMP_DIR=/run/dstack-vpn-status
 DUMP_SOCKET=$DUMP_DIR/wg-dump.sock
 status_pid=
 helper_pid=
+watchdog_pid=
 stop() {
 	trap - TERM INT
 	say "stopping"
+	if [ -n "$watchdog_pid" ]; then kill "$watchdog_pid" 2>/dev/null || true; fi
 	if [ -n "$status_pid" ]; then kill "$status_pid" 2>/dev/null || true; fi
 	if [ -n "$helper_pid" ]; then kill "$helper_pid" 2>/dev/null || true; fi
 	rm -rf "$DUMP_DIR"
@@ -103,17 +105,20 @@ start_status() {
 		--hub-public-key "$DSTACK_VPN_HUB_PUBLIC_KEY" --wg-dump-socket "$DUMP_SOCKET" &
 	status_pid=$!
 }
+start_watchdog() {
+	bash {{ watchdog }} "$IF" "$DSTACK_VPN_HUB_ADDRESS" &
+	watchdog_pid=$!
+}
 start_helper
 for _ in $(seq 50); do [ -S "$DUMP_SOCKET" ] && break; sleep 0.1; done
 start_status
 say "status page on port $DSTACK_VPN_STATUS_PORT"
+start_watchdog
 
-# Watch: the status page and its helper come back if they stop; without the interface the
-# container ends, and its restart policy starts it again. Every 10 s one packet goes to the hub's
-# overlay address (its firewall drops it): WireGuard starts a new handshake 15 s after
-# data goes unanswered, not after keepalives, so an idle spoke finds a restarted hub
-# within about 25 s instead of at its next rekey.
-ticks=0
+# Watch: the status page, its helper and the tunnel's watchdog come back if they stop; without
+# the interface the container ends, and its restart policy starts it again. The watchdog asks
+# the hub once a second over the overlay and gives it a fresh handshake when it stops answering
+# (a rebooted or replaced hub), as dstack-vpn-nudge does on hosts.
 while :; do
 	sleep 5 &
 	wait $! || true
@@ -126,6 +131,8 @@ while :; do
 		say "status page stopped; starting it again"
 		start_status
 	fi
-	ticks=$((ticks + 1))
-	if [ $((ticks % 2)) = 0 ]; then printf . 2>/dev/null >/dev/udp/"$DSTACK_VPN_HUB_ADDRESS"/9 || :; fi
+	if ! kill -0 "$watchdog_pid" 2>/dev/null; then
+		say "watchdog stopped; starting it again"
+		start_watchdog
+	fi
 done

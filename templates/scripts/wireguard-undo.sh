@@ -5,6 +5,8 @@ if have_systemd; then
 	systemctl disable --now --quiet dstack-vpn-nudge.service 2>/dev/null || true
 	rm -f /etc/systemd/system/dstack-vpn-nudge.service
 	systemctl daemon-reload
+	rm -f {{ watchdog }}
+	rmdir {{ watchdog.rsplit("/", 1)[0] }} 2>/dev/null || true
 {% endif %}
 	systemctl disable --now --quiet "wg-quick@$IF.service" 2>/dev/null || true
 fi

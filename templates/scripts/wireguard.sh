@@ -72,9 +72,13 @@ else
 fi
 if have_systemd; then systemctl enable --quiet "wg-quick@$IF.service"; fi
 {% if nudge_address %}
-# A spoke: one packet to the hub every 10 s, so an idle spoke finds a restarted hub
-# within about 25 s (see the unit).
+# A spoke: the tunnel's watchdog, which notices a hub that stopped answering (see the unit).
 if have_systemd; then
+	mkdir -p {{ watchdog.rsplit("/", 1)[0] }}
+	chmod 0755 {{ watchdog.rsplit("/", 1)[0] }}
+	install_stdin 0755 {{ watchdog }} <<'WATCHDOG'
+{% include "wireguard/watchdog.sh" %}
+WATCHDOG
 	install_stdin 0644 /etc/systemd/system/dstack-vpn-nudge.service <<'UNIT'
 {% include "systemd/dstack-vpn-nudge.service" %}
 UNIT

@@ -171,13 +171,17 @@ def test_reboot_brings_everything_back(net, node):
     host.reboot(timeout=90)
     if node == "hub":
         # with no traffic at all, every spoke (the dstack one too) finds the hub again by itself:
-        # the nudge makes WireGuard retry its handshake (without it: 136 s, at the next rekey)
+        # its watchdog noticed the silent hub and set the hub's peer again (a fresh handshake;
+        # without a watchdog: 136 s, at the next rekey)
         deadline = t0 + 60
         while not all(age is not None for age in net.handshakes().values()) and time.monotonic() < deadline:
             time.sleep(0.5)
         idle = time.monotonic() - t0
         assert all(age is not None for age in net.handshakes().values()), net.handshakes()
         print(f"hub rebooted: every idle spoke shook hands again after {idle:.1f} s")
+        log = net.lab.ssh(net.node_hosts()["node-b"], "journalctl -q -o cat -u dstack-vpn-nudge", timeout=30)
+        assert "its peer set again, a fresh handshake" in log.stdout, log.stdout[-2000:]
+        assert "its peer set again, a fresh handshake" in net.apps.logs(net.node_hosts()["node-d"])
     assert converged(net, 90), f"not reachable again after {node} rebooted"
     seconds = time.monotonic() - t0
     units = "wg-quick@wg0 dstack-vpn-firewall" + ("" if node == "hub" else " dstack-vpn-status dstack-vpn-nudge")

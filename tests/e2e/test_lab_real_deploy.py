@@ -19,13 +19,15 @@ from lab.probe import Probe
 
 LAB = "dvr"
 # The last landed commit. An `up` with this code over a network it deployed may change only what
-# the commits since say they change (git log UPGRADE_FROM..), all in place. Since d5d11c8: no
-# resource of the lab stack (it has no `phala` spoke); the dstack spoke's compose output names the
-# spoke image by digest, and the lab runs the new app in its place.
+# the commits since say they change (git log UPGRADE_FROM..), all in place. Since d5d11c8: the
+# hub's firewall (it answers its spokes' echo requests on the overlay) and each spoke's install
+# step (iputils-ping, for the watchdog) and wireguard step (the watchdog in dstack-vpn-nudge); the
+# dstack spoke's compose output names the spoke image by digest, and the lab runs it in its place.
 UPGRADE_FROM = "d5d11c8e592e43df8d1056842f19ddfc8fed2a17"
 # The network of this module runs its hub on Debian 12 (the lab stack's own hub is on Debian 13).
 HUB_IMAGE = "debian-12-x64"
-UPGRADE_CHANGES: list[tuple[str, str]] = []
+UPGRADE_CHANGES = sorted([("update", "hub-firewall")] +
+                         [("update", f"{n}-{s}") for n in ("node-a", "node-b", "node-c") for s in ("install", "wireguard")])
 
 
 OLD_UP = """

@@ -14,7 +14,7 @@ import yaml
 import program
 from components import config, keys, render
 from components.nodes import dstack
-from components.roles import firewall
+from components.roles import firewall, wireguard
 from conftest import need_tool
 from image import build as image_build
 
@@ -166,13 +166,14 @@ def test_entrypoint_passes_shellcheck(tmp_path):
 
 def test_the_image_holds_the_entrypoint_and_the_status_program_and_no_node_of_its_own(bundle):
     files = image_build.files()
-    assert set(files) == {image_build.ENTRYPOINT, dstack.STATUS_PROGRAM}
+    assert set(files) == {image_build.ENTRYPOINT, dstack.STATUS_PROGRAM, wireguard.WATCHDOG}
     assert files[dstack.STATUS_PROGRAM][1] == render.status_program()
     entrypoint = files[image_build.ENTRYPOINT][1]
     assert "apt-get" not in entrypoint and "{{" not in entrypoint
     for value in ("node-d", "10.88.0.14", bundle["node"].public_key, bundle["node"].hub_public_key):
         assert value not in entrypoint
-    assert set(image_build.PACKAGES) >= {"wireguard-tools", "wireguard-go", "nftables", "iproute2", "python3"}
+    assert set(image_build.PACKAGES) >= {"wireguard-tools", "wireguard-go", "nftables", "iproute2", "python3",
+                                         "iputils-ping"}
 
 
 def test_wireguard_config_reads_its_keys_from_files(bundle, tmp_path):

@@ -142,13 +142,36 @@ def test_step_scripts_pass_shellcheck(step, undo, user, tmp_path):
 def test_nudge_unit_verifies_and_only_spokes_get_it(tmp_path):
     need_tool("systemd-analyze")
     unit = tmp_path / "dstack-vpn-nudge.service"
-    unit.write_text(render.render("systemd/dstack-vpn-nudge.service", interface="wg0", nudge_address="10.88.0.1"))
+    unit.write_text(render.render("systemd/dstack-vpn-nudge.service", **SCRIPT_VALUES["wireguard"]))
     out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert ">/dev/udp/10.88.0.1/9" in unit.read_text()
+    assert f"ExecStart=/bin/bash {wireguard.WATCHDOG} wg0 10.88.0.1\n" in unit.read_text()
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\n" in unit.read_text()
     spoke = render.script("wireguard", "scripts/wireguard.sh", **SCRIPT_VALUES["wireguard"])
     hub = render.script("wireguard", "scripts/wireguard.sh", **SCRIPT_VALUES["wireguard-hub"])
     assert "dstack-vpn-nudge.service" in spoke and "dstack-vpn-nudge" not in hub
+    assert f"install_stdin 0755 {wireguard.WATCHDOG} <<'WATCHDOG'" in spoke and "watchdog" not in hub
+
+
+def test_the_watchdog_passes_shellcheck_and_keeps_the_config_off_argv_and_disk(tmp_path):
+    shellcheck = need_tool("shellcheck")
+    text = render.render("wireguard/watchdog.sh", **wireguard.watchdog_values())
+    path = tmp_path / "watchdog.sh"
+    path.write_text(text)
+    out = subprocess.run([shellcheck, "-s", "bash", "-S", "warning", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    # the configuration (with the private key) goes through a pipe from showconf to syncconf
+    assert 'conf=$(wg showconf "$IF"' in text and 'wg syncconf "$IF" <(printf \'%s\\n\' "$conf")' in text
+    assert "> " not in text.replace(">/dev/null", "")  # no file written
+
+
+def test_the_hub_answers_its_spokes_echo_requests_over_the_overlay_only(cfg, tmp_path):
+    text = render.render("nftables/hub.nft", **firewall.values(hub_node(cfg)))
+    nft_check(tmp_path, text)
+    rules = [line.strip() for line in text.splitlines() if "icmp type echo-request" in line]
+    assert rules == ['iifname "wg0" ip saddr 10.88.0.0/24 icmp type echo-request accept']
+    # its answer is a reply: new connections out of wg0 are still dropped
+    assert 'oifname "wg0" ct state established,related accept\n\t\toifname "wg0" drop' in text
 
 
 def test_firewall_unit_verifies(tmp_path):
@@ -178,7 +201,7 @@ def test_firewall_unit_with_the_forwarding_drop_in_verifies(tmp_path):
 
 
 def test_nudge_unit_reaches_only_the_hub_overlay_address(tmp_path):
-    text = render.render("systemd/dstack-vpn-nudge.service", interface="wg0", nudge_address="10.88.0.1")
+    text = render.render("systemd/dstack-vpn-nudge.service", **SCRIPT_VALUES["wireguard"])
     assert "IPAddressDeny=any\nIPAddressAllow=10.88.0.1\n" in text
 
 

@@ -47,7 +47,8 @@ def test_the_install_step_installs_what_the_roles_declare():
 
 
 def test_the_spoke_image_holds_what_a_dstack_spokes_roles_declare():
-    assert dstack.image_packages() == ["wireguard-tools", "nftables", "wireguard-go", "python3", "iproute2"]
+    assert dstack.image_packages() == ["wireguard-tools", "iputils-ping", "nftables", "wireguard-go", "python3",
+                                       "iproute2"]
     from image import build
     assert list(build.PACKAGES) == dstack.image_packages()
 
@@ -116,7 +117,8 @@ def test_a_role_knows_no_node_kind():
 def test_the_roles_cli_lists_the_host_packages(capsys):
     import runpy
     runpy.run_module("components.roles", run_name="__main__")
-    assert json.loads(capsys.readouterr().out) == {"hosts": ["wireguard-tools", "nftables", "wireguard-go"]}
+    assert json.loads(capsys.readouterr().out) == {"hosts": ["wireguard-tools", "nftables", "iputils-ping",
+                                                             "wireguard-go"]}
 
 
 SSH_KEY = ssh_key_pair("roles")[0]
