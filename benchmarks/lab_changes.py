@@ -25,6 +25,61 @@ NODE_E = {"name": "node-e", "kind": "ssh", "address": "10.88.0.15", "host": "198
 REMOTE_STEP = "command:remote:Command"
 
 
+class Recovery:
+    """How long after the hub's WireGuard is back each spoke is: a timestamped ping (ping -D, the
+    machine's clock) along a ring of spokes (a->b, b->c, ...: every spoke is in two pairs), and
+    the hub's wg0 watched from this machine in its namespace. A pair is back at its first reply
+    after the hub's wg0 came back; every spoke is back when the last pair is."""
+
+    def __init__(self, net: LabNetwork, spokes: list[str]):
+        self.net, self.pairs = net, list(zip(spokes, spokes[1:] + spokes[:1]))
+
+    def __enter__(self):
+        import subprocess
+        import threading
+        nodes, hosts = self.net.nodes(), self.net.node_hosts()
+        self.procs, self.lines = [], {pair: [] for pair in self.pairs}
+        for pair in self.pairs:
+            argv = self.net.lab.ssh_argv(hosts[pair[0]], f"exec ping -D -n -i 0.05 -W 1 {nodes[pair[1]]['address']}")
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=lambda p=proc, out=self.lines[pair]: out.extend(p.stdout), daemon=True).start()
+            self.procs.append(proc)
+        self.hub_netns = hosts["hub"].netns
+        self.hub_back, self.hub_gone, self.stop = None, None, False
+
+        def watch():
+            while not self.stop:
+                up = subprocess.run(["ip", "-n", self.hub_netns, "link", "show", "wg0"],
+                                    capture_output=True).returncode == 0
+                if not up and self.hub_gone is None:
+                    self.hub_gone = time.time()
+                if up and self.hub_gone is not None and self.hub_back is None:
+                    self.hub_back = time.time()
+                time.sleep(0.02)
+        self.watcher = threading.Thread(target=watch, daemon=True)
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(1)
+        self.stop = True
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(10)
+        self.watcher.join(5)
+        return False
+
+    def seconds(self) -> dict:
+        """Per pair, seconds from the hub's wg0 back to the pair's first reply; None if unseen."""
+        import re
+        out = {}
+        for (a, b), lines in self.lines.items():
+            stamps = [float(m.group(1)) for m in map(re.compile(r"^\[(\d+\.\d+)\].*ttl=").search, lines) if m]
+            after = [t for t in stamps if self.hub_back is not None and t >= self.hub_back]
+            out[f"{a}->{b}"] = round(after[0] - self.hub_back, 2) if after else None
+        return out
+
+
 def remote_steps(result) -> int:
     return sum(1 for a in result.actions if a.type == REMOTE_STEP)
 
@@ -90,8 +145,11 @@ def main() -> None:
         rows.append(measure(net, "dstack app of node-d restarted", restart_dstack_app, own="node-d"))
         for node in ("node-c", "hub"):
             host = net.node_hosts()[node]
-            rows.append(measure(net, f"6 reboot {node}", lambda: host.reboot(timeout=90) and None,
-                                own=None if node == "hub" else node))
+            with Recovery(net, ["node-a", "node-b", "node-c", "node-d"]) as recovery:
+                rows.append(measure(net, f"6 reboot {node}", lambda: host.reboot(timeout=90) and None,
+                                    own=None if node == "hub" else node))
+            if node == "hub":  # the watchdog's goal: every spoke back within 5 s of the hub
+                rows[-1]["spokes_back_after_hub_wg0_up_s"] = recovery.seconds()
     finally:
         net.down()
     for row in rows:
