@@ -703,5 +703,9 @@ def test_the_image_is_published_from_main_with_no_secret_but_the_runs_token(tmp_
     assert "$REGISTRY_TOKEN" not in build["run"].replace('printf \'%s\' "$REGISTRY_TOKEN" |', "")
     # what the image is built from is what starts the workflow
     watched = triggers(wf)["push"]["paths"]
-    for path in ("image/build.py", "templates/dstack/entrypoint.sh", "status/dstack_vpn_status.py"):
-        assert any(path.startswith(p.rstrip("*")) for p in watched), path
+    from image import build as image_build
+    sources = ["image/build.py", "templates/dstack/entrypoint.sh", "templates/scripts/_kernel_wireguard.sh",
+               "templates/wireguard/watchdog.sh", "status/dstack_vpn_status.py"]
+    assert len(image_build.files()) == 3  # the entrypoint, the status program, the watchdog: sources above
+    for path in sources:
+        assert any(path == p or path.startswith(p.rstrip("*")) for p in watched), path
