@@ -8,8 +8,8 @@ A role declares, in its module:
   naming what it waits for on another node (`after`);
 - `compose(node)`: its part of a dstack spoke's app (variables of the compose file).
 
-A node kind (components/nodes/) runs a node's roles its own way: as remote steps, in the roles'
-order after the install step, or as one compose app. Adding a role is a module here, its
+A node kind (components/nodes/) runs a node's roles its own way: as remote steps after the
+install step, each after the steps it names (steps.ordered), or as one compose app. Adding a role is a module here, its
 templates and its tests, and its name in the role lists below.
 """
 from __future__ import annotations
