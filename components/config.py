@@ -59,7 +59,7 @@ NETWORK_KEYS = {
 # Who may read a spoke's status page over the underlay, unless statusCidrs says otherwise.
 STATUS_CIDRS_DEFAULT = ["0.0.0.0/0", "::/0"]
 # The settings of a spoke, by kind: one table (a key of another kind is refused, naming it).
-COMMON_SPOKE_KEYS = {"name", "kind", "address", "presharedKey", "keyRotation"}
+COMMON_SPOKE_KEYS = {"name", "kind", "address", "presharedKey", "keyRotation", "transport", "mtu"}
 KIND_KEYS = {
     "ssh": COMMON_SPOKE_KEYS | {"host", "port", "user", "hostKey", "allowUnknownHostKey"},
     "droplet": COMMON_SPOKE_KEYS | {"region", "size", "image"},
@@ -74,6 +74,13 @@ SPOKE_KEYS = set().union(*KIND_KEYS.values())
 PHALA_KEYS = {"name", "instanceType", "region", "diskSize", "osImage"}
 NODE_SECRET_KEYS = {"sshPrivateKey", "wireguardPrivateKey"}
 SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey"}
+# How a spoke reaches the hub (spokes[].transport): WireGuard's UDP, UDP carried over a TCP
+# connection to the hub's tcpPort, or UDP first and TCP when UDP gets no answer.
+TRANSPORTS = ("udp", "tcp", "auto")
+TCP_PORT_DEFAULT = 443
+# The underlay path's MTU (mtu, spokes[].mtu): IPv6's minimum up to jumbo frames. WireGuard's
+# interface gets 80 bytes less (its own header over IPv6, as wg-quick reckons).
+MTU_RANGE = (1280, 9000)
 
 
 class ConfigError(ValueError):
@@ -121,6 +128,10 @@ class SpokeConfig:
     """dstack: deploy on Phala Cloud; None: the bundle is an output, deployed by hand."""
     ssh_private_key: str | None = field(default=None, repr=False)
     wireguard_private_key: str | None = field(default=None, repr=False)
+    transport: str = "udp"
+    """udp, tcp or auto (TRANSPORTS)"""
+    mtu: int | None = None
+    """The MTU of the spoke's path to the hub; None: the network's (or wg-quick's own reckoning)."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +150,20 @@ class NetworkConfig:
     """Who may read the status pages over the underlay (the overlay's spokes always may)."""
     digitalocean_ssh_key: str | None = None
     """The deploy key as it is already on the DigitalOcean account (id or fingerprint); None: uploaded."""
+    tcp_port: int = TCP_PORT_DEFAULT
+    """The hub's TCP port for spokes whose transport is tcp or auto (open only while there are such)."""
+    mtu: int | None = None
+    """The underlay path MTU of the hub and of every spoke without its own; None: wg-quick reckons
+    each interface's from its route to the other end."""
 
     @property
     def prefixlen(self) -> int:
         return ipaddress.ip_network(self.overlay).prefixlen
+
+    @property
+    def tcp_spokes(self) -> tuple[SpokeConfig, ...]:
+        """The spokes that may reach the hub over TCP (transport tcp or auto)."""
+        return tuple(s for s in self.spokes if s.transport != "udp")
 
 
 def top_level_keys() -> set[str]:
@@ -185,6 +206,19 @@ def _port(setting: str, value: Any) -> int:
     _want(setting, value, int, "a port number 1-65535")
     if not 1 <= value <= 65535:
         raise ConfigError(f"{setting}: port {value} is out of range; allowed 1-65535")
+    return value
+
+
+def _mtu(setting: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,5}", value):
+        value = int(value)
+    _want(setting, value, int, f"an MTU in bytes, {MTU_RANGE[0]}-{MTU_RANGE[1]}")
+    if not MTU_RANGE[0] <= value <= MTU_RANGE[1]:
+        raise ConfigError(f"{setting}: {value} is out of range; allowed {MTU_RANGE[0]}-{MTU_RANGE[1]} (the MTU of "
+                          "the path to the hub, e.g. 1500 for Ethernet, 1280 for the smallest IPv6 path; WireGuard's "
+                          "interface gets 80 less)")
     return value
 
 
@@ -324,6 +358,8 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     if listen_port == DSTACK_WG_PORT:
         raise ConfigError(f"listenPort: {DSTACK_WG_PORT} is dstack's own WireGuard port; choose another (51820)")
     status_port = _port("statusPort", _decode("statusPort", raw.get("statusPort"), 8000))
+    tcp_port = _port("tcpPort", _decode("tcpPort", raw.get("tcpPort"), TCP_PORT_DEFAULT))
+    mtu = _mtu("mtu", _decode("mtu", raw.get("mtu"), None))
     interface = raw.get("interface", "wg0")
     if not isinstance(interface, str) or not INTERFACE_RE.fullmatch(interface) or interface == DSTACK_INTERFACE:
         raise ConfigError(
@@ -383,6 +419,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     spokes = _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned,
                      defaults={"region": hub_region, "size": hub_size, "image": hub_image})
     _check_ports(status_port, listen_port, spokes)
+    _check_tcp_port(tcp_port, status_port, listen_port)
     _check_admin_cidrs(admin_cidrs, overlay)
     _check_pinned_keys({HUB_NAME: pinned(HUB_NAME), **{s.name: s.wireguard_private_key for s in spokes}})
     deployed = [s.name for s in spokes if s.phala is not None]
@@ -397,7 +434,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
         ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip(),
-        digitalocean_ssh_key=do_key, status_cidrs=status_cidrs)
+        digitalocean_ssh_key=do_key, status_cidrs=status_cidrs, tcp_port=tcp_port, mtu=mtu)
 
 
 def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:
@@ -449,6 +486,12 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
             wireguard_private_key=pinned(name), ssh_private_key=ssh_key)
         if isinstance(values["key_rotation"], bool):
             raise ConfigError(f"spokes[{i}].keyRotation: expected an integer")
+        transport = item.get("transport", "udp")
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"spokes[{i}].transport: {transport!r} is not a transport; allowed: udp (WireGuard's "
+                              "own), tcp (over a TCP connection to the hub's tcpPort), auto (udp, and tcp while "
+                              "udp gets no answer)")
+        values.update(transport=transport, mtu=_mtu(f"spokes[{i}].mtu", item.get("mtu")))
         _kind_keys(i, item, kind)
         if kind == "ssh":
             values.update(_ssh_spoke(i, item, ssh_key or deploy_key))
@@ -500,6 +543,15 @@ def _check_ports(status_port: int, listen_port: int, spokes) -> None:
                           "everyone, so it must not be an SSH port (default 8000)")
     if status_port == listen_port:
         raise ConfigError(f"statusPort: {status_port} is the WireGuard port (listenPort); choose another (8000)")
+
+
+def _check_tcp_port(tcp_port: int, status_port: int, listen_port: int) -> None:
+    """The hub's TCP port for tcp/auto spokes: not its SSH port, and not a port of ours (one port
+    number, one job: its cloud firewall rule and the hosts' rulesets are per port)."""
+    taken = {22: "SSH on the hub", status_port: "the status port (statusPort)",
+             listen_port: "WireGuard's port (listenPort)"}
+    if tcp_port in taken:
+        raise ConfigError(f"tcpPort: {tcp_port} is {taken[tcp_port]}; choose another (default {TCP_PORT_DEFAULT})")
 
 
 def _check_admin_cidrs(admin_cidrs: tuple[str, ...], overlay: ipaddress.IPv4Network) -> None:

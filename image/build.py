@@ -40,10 +40,12 @@ NAME = "dstack-vpn-spoke"
 # Every file's time, and the image's: the same inputs give the same digest.
 SOURCE_DATE_EPOCH = 1700000000
 ARCHIVE = "spoke.oci.tar"
-# Left by debootstrap and apt, different on every run and of no use in the image.
+# Left by debootstrap and apt, different on every run and of no use in the image; and v2ray's
+# own proxy configuration, with a user id its postinst draws at random (the image's v2ray runs
+# the compose file's configuration, nothing else).
 VOLATILE = ("var/log/*.log", "var/log/apt/*", "var/cache/ldconfig/aux-cache", "var/cache/apt/*.bin",
             "var/cache/apt/archives/*.deb", "var/lib/apt/lists/*", "dev/*", "run/*",
-            "var/cache/debconf/*-old", "var/lib/dpkg/*-old")
+            "var/cache/debconf/*-old", "var/lib/dpkg/*-old", "etc/v2ray/config.json")
 
 
 class BuildError(RuntimeError):
@@ -54,7 +56,7 @@ def files() -> dict[str, tuple[int, str]]:
     """Path in the image -> (mode, text): what dstack-vpn adds to the Debian tree."""
     return {
         ENTRYPOINT: (0o755, render.render("dstack/entrypoint.sh", key_dir=dstack.KEY_DIR,
-                                          status_program=dstack.STATUS_PROGRAM, bundle=dstack.BUNDLE,
+                                          status_program=dstack.STATUS_PROGRAM, bundles=dstack.IMAGE_BUNDLES,
                                           **wireguard.watchdog_values())),
         dstack.STATUS_PROGRAM: (0o644, render.status_program()),
         wireguard.WATCHDOG: (0o755, render.render("wireguard/watchdog.sh", **wireguard.watchdog_values())),
@@ -132,7 +134,7 @@ def commit(tree: Path, out: Path, work: Path) -> str:
               "--stop-signal", "TERM",
               "--label", f"org.opencontainers.image.title={NAME}",
               "--label", "org.opencontainers.image.description=dstack-vpn spoke: WireGuard, its firewall, the status page",
-              "--label", f"dstack-vpn.bundle={dstack.BUNDLE}",
+              "--label", f"dstack-vpn.bundle={dstack.IMAGE_BUNDLES[-1]}",
               "--os", "linux", "--arch", "amd64", ctr], env=env)
         out.unlink(missing_ok=True)
         _run(["buildah", "commit", "-q", "--timestamp", str(SOURCE_DATE_EPOCH), "--format", "oci",

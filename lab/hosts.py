@@ -42,13 +42,13 @@ from .disk import Disk
 from .machine import Machine, _cgroup_roots, _write_json
 from .packages import remove_tree, run
 from .ssh import ssh_argv
-from .underlay import UNDERLAY, HostNetwork, Underlay
+from .underlay import UNDERLAY, HostilePaths, HostNetwork, Underlay
 
 DEFAULT_LAB_DIR = "/var/lib/dstack-vpn-lab"
 LAB_DIR_ENV = "DSTACK_VPN_LAB_DIR"
 FIRST_HOST_ADDRESS = 10
 _HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
-_RESERVED_NAMES = {"wan", "op"}  # the underlay's own namespaces
+_RESERVED_NAMES = {"wan", "op", "router"}  # the underlay's own namespaces
 
 
 def default_lab_dir() -> Path:
@@ -100,7 +100,7 @@ class Host(Disk, HostNetwork, Machine):
                 "ssh_user": self.ssh_user, "host_key": self.host_key_public}
 
 
-class Lab(Underlay):
+class Lab(Underlay, HostilePaths):
     """The lab's hosts, underlay and SSH client.
 
     As a context manager it tears everything down on exit, on errors,

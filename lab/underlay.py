@@ -1,7 +1,11 @@
 """The lab's underlay: a bridge in the "wan" namespace, one namespace per host with its eth0 on
-it, the operator's namespace where SSH and probes start. Nothing in the machine's own namespace."""
+it, the operator's namespace where SSH and probes start. Nothing in the machine's own namespace.
+
+Hostile paths, for the tests: a host's UDP dropped on the bridge (block_udp), and a host behind a
+router whose path to the rest has a smaller MTU (behind_router)."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import subprocess
 from pathlib import Path
@@ -11,6 +15,7 @@ from .packages import run
 
 UNDERLAY = ipaddress.ip_network("198.51.100.0/24")
 OPERATOR_ADDRESS = "198.51.100.100"
+ROUTER_ADDRESS = "198.51.100.250"
 
 
 class HostNetwork:
@@ -111,7 +116,7 @@ class Underlay:
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
     def _used_addresses(self) -> set[str]:
-        used = {OPERATOR_ADDRESS}
+        used = {OPERATOR_ADDRESS, ROUTER_ADDRESS}
         for host in self.hosts.values():
             used |= {host.address, *host.extra_addresses}
         return used
@@ -129,3 +134,64 @@ class Underlay:
         as a cloud's network would, instead of waiting for them to expire."""
         for ns in [self.op_ns, *(h.netns for h in self.hosts.values())]:
             run(["ip", "-n", ns, "neigh", "flush", "to", ip], check=False)
+
+
+class HostilePaths:
+    """A part of lab.hosts.Lab: a host's path made the way some networks are."""
+
+    def _block_table(self, host) -> str:
+        return "dstack_vpn_lab_block_" + host.veth.replace("-", "_")
+
+    def block_udp(self, host) -> None:
+        """Drop every UDP packet to and from host on the wan bridge (a network that lets only
+        TCP out), in the lab's wan namespace. Idempotent; unblock_udp() undoes it."""
+        table = self._block_table(host)
+        rules = (f"table bridge {table}\ndelete table bridge {table}\n"
+                 f"table bridge {table} {{\n\tchain forward {{\n"
+                 "\t\ttype filter hook forward priority filter; policy accept;\n"
+                 f'\t\tiifname "{host.veth}" meta l4proto udp drop\n'
+                 f'\t\toifname "{host.veth}" meta l4proto udp drop\n\t}}\n}}\n')
+        run(["ip", "netns", "exec", self.wan_ns, "nft", "-f", "-"], input=rules)
+
+    def unblock_udp(self, host) -> None:
+        run(["ip", "netns", "exec", self.wan_ns, "nft", "delete", "table", "bridge", self._block_table(host)],
+            check=False)
+
+    @contextlib.contextmanager
+    def behind_router(self, host, mtu: int):
+        """Put host behind a router namespace whose path to the rest of the underlay carries at most
+        `mtu` bytes, as the Internet's do: larger packets with DF set get ICMP "fragmentation
+        needed", others are fragmented (route MTUs on the router; every link stays 1500). The host
+        keeps its address (the router answers ARP for it and for the rest: proxy ARP). The host's
+        bridge port moves into the router's namespace and back at the end."""
+        router = f"{self.prefix}router"
+        with self._lock:
+            self._add_netns(router)
+            record = self._record()
+            if router not in record["namespaces"]:
+                record["namespaces"].append(router)
+                _write_json(self.state_dir / "lab.json", record)
+        wan, port = self.wan_ns, host.veth
+        try:
+            run(["ip", "-n", wan, "link", "set", port, "nomaster"])
+            run(["ip", "-n", wan, "link", "set", port, "netns", router])
+            run(["ip", "-n", wan, "link", "add", "v-router", "type", "veth", "peer", "name", "r-wan", "netns", router])
+            run(["ip", "-n", wan, "link", "set", "v-router", "master", "br0", "up"])
+            for argv in (["link", "set", "lo", "up"], ["link", "set", "r-wan", "up"], ["link", "set", port, "up"],
+                         ["addr", "add", f"{ROUTER_ADDRESS}/{UNDERLAY.prefixlen}", "dev", "r-wan"],
+                         ["route", "replace", str(UNDERLAY), "dev", "r-wan", "mtu", "lock", str(mtu)],
+                         ["route", "add", f"{host.address}/32", "dev", port, "mtu", "lock", str(mtu)]):
+                run(["ip", "-n", router, *argv])
+            for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.proxy_arp=1",
+                        "net.ipv4.conf.r-wan.proxy_arp=1", f"net.ipv4.conf.{port}.proxy_arp=1"):
+                run(["ip", "netns", "exec", router, "sysctl", "-q", "-w", key])
+            self._forget_neighbour(host.address)
+            run(["ip", "-n", host.netns, "neigh", "flush", "all"], check=False)
+            yield router
+        finally:
+            if Path(f"/run/netns/{router}").exists():
+                run(["ip", "-n", router, "link", "set", port, "netns", wan], check=False)
+                run(["ip", "netns", "del", router], check=False)
+            run(["ip", "-n", wan, "link", "set", port, "master", "br0", "up"], check=False)
+            self._forget_neighbour(host.address)
+            run(["ip", "-n", host.netns, "neigh", "flush", "all"], check=False)

@@ -61,6 +61,15 @@ MUTATIONS = [
     Mutation("the status port is never an SSH port",
              "components/config.py", "    if status_port in ssh_ports:", "    if False:",
              ("tests/unit/test_config.py::test_a_status_port_on_ssh_or_wireguard_is_refused",)),
+    Mutation("the hub's TCP relay reaches WireGuard and nothing else",
+             "components/roles/transport.py", '"settings": {"redirect": f"127.0.0.1:{cfg.listen_port}"}', '"settings": {}',
+             ("tests/unit/test_transport.py::test_v2ray_accepts_both_configurations_and_the_hub_forwards_to_wireguard_alone",)),
+    Mutation("the hub's TCP port is never its SSH port",
+             "components/config.py", '    taken = {22: "SSH on the hub", ', "    taken = {",
+             ("tests/unit/test_transport.py::test_a_bad_network_setting_is_refused_naming_it",)),
+    Mutation("a spoke on a smaller path gets handshakes it can carry",
+             "templates/nftables/hub.nft", "maxseg size set {{ clamp.mss }}\n\t\tiifname", "maxseg size set 1460\n\t\tiifname",
+             ("tests/unit/test_transport.py::test_the_hub_clamps_the_mss_of_spokes_on_smaller_paths",)),
 ]
 
 

@@ -18,9 +18,13 @@ from ..roles.status import STATUS_DIR
 KEY_DIR = "/run/dstack-vpn"
 # The spoke image's status program, and the version of what its entrypoint reads from the
 # compose file (DSTACK_VPN_*): bumped when that changes, so an image and a compose file of
-# different dstack-vpn versions refuse each other by name.
+# different dstack-vpn versions refuse each other by name. An image reads every bundle up to its
+# own; a compose file says the lowest that has what it needs: BUNDLE_TCP where the spoke's
+# transport is tcp or auto (an image of bundle 2 has no v2ray), BUNDLE otherwise (any image).
 STATUS_PROGRAM = STATUS_DIR + "/dstack_vpn_status.py"
 BUNDLE = 2
+BUNDLE_TCP = 3
+IMAGE_BUNDLES = (BUNDLE, BUNDLE_TCP)
 # What the kind itself needs in the image, beside the roles' packages: `ip` for the entrypoint.
 IMAGE_PACKAGES = ("iproute2",)
 # The app's encrypted environment: its only secrets.
@@ -51,7 +55,8 @@ def dstack_node(cfg: NetworkConfig, spoke: SpokeConfig, public_key: str, hub_pub
 
 def environment(node: Node) -> dict[str, str]:
     """The compose file's variables (public): the kind's own, then each role's part."""
-    env = {"DSTACK_VPN_BUNDLE": str(BUNDLE), "DSTACK_VPN_NODE": node.name, "DSTACK_VPN_ADDRESS": node.address}
+    bundle = BUNDLE if node.spoke.transport == "udp" else BUNDLE_TCP
+    env = {"DSTACK_VPN_BUNDLE": str(bundle), "DSTACK_VPN_NODE": node.name, "DSTACK_VPN_ADDRESS": node.address}
     for role in roles():
         env.update(role.compose(node))
     return env

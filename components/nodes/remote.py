@@ -8,7 +8,7 @@ from pulumi_command import remote
 
 from .. import topology
 from ..config import HUB_NAME, NetworkConfig, SpokeConfig
-from ..roles import Node, Role, declared, hub_roles, spoke_roles
+from ..roles import Node, Role, declared, hub_roles, node_packages, spoke_roles
 from ..steps import Step, Target, run_steps
 
 
@@ -32,12 +32,12 @@ def spoke_node(cfg: NetworkConfig, spoke: SpokeConfig, **keys) -> Node:
     return node
 
 
-def install_step(roles: Sequence[Role]) -> Step:
+def install_step(node: Node, roles: Sequence[Role]) -> Step:
     """What apt installs (and destroy purges again, where it did install it)."""
-    return Step("install", {"packages": declared(roles), "userspace": declared(roles, "userspace")})
+    return Step("install", {"packages": node_packages(node, roles), "userspace": declared(roles, "userspace")})
 
 
 def run_roles(target: Target, node: Node, roles: Sequence[Role], parent, done: MutableMapping[str, remote.Command]
               ) -> dict[str, remote.Command]:
-    steps = [install_step(roles)] + [step for role in roles for step in role.steps(node)]
+    steps = [install_step(node, roles)] + [step for role in roles for step in role.steps(node)]
     return run_steps(target, steps, parent, done)

@@ -2,7 +2,8 @@
 
 A role declares, in its module:
 - `config_keys`: the stack settings it reads (components/config.py validates them with the rest);
-- `packages`: the Debian packages it needs (the install step on hosts, the spoke image);
+- `packages`: the Debian packages it may need (the spoke image, the lab's repository), and
+  `node_packages(node)` those a node's install step installs (by default all of them);
 - `openings(node)`: the ports it opens over the underlay, and to whom (topology.Opening);
 - `steps(node)`: its remote steps on a host reached over SSH (components/steps.Step), each
   naming what it waits for on another node (`after`);
@@ -63,6 +64,10 @@ class Role:
     image_packages: tuple[str, ...] = ()
     """only in the spoke image: what every host OS already has"""
 
+    def node_packages(self, node: Node) -> tuple[str, ...]:
+        """What the install step of this node installs for the role."""
+        return self.packages
+
     def openings(self, node: Node) -> list[Opening]:
         return []
 
@@ -78,13 +83,13 @@ class Role:
 # A node's roles. The order is that of their packages; their steps are ordered by what each
 # waits for (Step.after).
 def hub_roles() -> list[Role]:
-    from . import firewall, forwarding, wireguard
-    return [wireguard.HUB, firewall.ROLE, forwarding.ROLE]
+    from . import firewall, forwarding, transport, wireguard
+    return [wireguard.HUB, firewall.ROLE, forwarding.ROLE, transport.HUB]
 
 
 def spoke_roles() -> list[Role]:
-    from . import firewall, status, wireguard
-    return [wireguard.SPOKE, firewall.ROLE, status.ROLE]
+    from . import firewall, status, transport, wireguard
+    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE]
 
 
 def all_roles() -> list[Role]:
@@ -94,3 +99,8 @@ def all_roles() -> list[Role]:
 def declared(roles: Sequence[Role], what: str = "packages") -> list[str]:
     """The roles' `packages` (or `userspace`, `image_packages`), each once, in the roles' order."""
     return list(dict.fromkeys(p for role in roles for p in getattr(role, what)))
+
+
+def node_packages(node: Node, roles: Sequence[Role]) -> list[str]:
+    """What a node's install step installs: each role's node_packages, each once, in order."""
+    return list(dict.fromkeys(p for role in roles for p in role.node_packages(node)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import render, topology
 from ..steps import Step
-from . import Node, Role
+from . import Node, Role, wireguard
 
 RULES_DIR = "/etc/dstack-vpn"
 RULES_PATH = RULES_DIR + "/firewall.nft"
@@ -22,7 +22,7 @@ def values(node: Node) -> dict:
     common = dict(admin_v4=sets["admin_v4"], admin_v6=sets["admin_v6"], ssh_port=sets["admin_port"],
                   interface=cfg.interface, block_metadata=node.metadata_service, public=sets["public"])
     if node.is_hub:
-        return dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay)
+        return dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay, mss_clamps=wireguard.mss_clamps(node))
     status = {k: sets[k] for k in ("status_port", "status_v4", "status_v6") if k in sets}
     return dict(common, hub_address=cfg.hub.address, overlay=cfg.overlay, **status)
 

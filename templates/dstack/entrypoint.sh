@@ -13,9 +13,12 @@ STATUS_PROGRAM={{ status_program }}
 say() { printf 'dstack-vpn %s: %s\n' "${DSTACK_VPN_NODE:-?}" "$*"; }
 fail() { say "$*" >&2; exit 1; }
 
-# The compose file and this image must speak the same bundle: both come from one dstack-vpn.
-[ "${DSTACK_VPN_BUNDLE:-}" = {{ bundle }} ] ||
-	fail "the compose file speaks bundle '${DSTACK_VPN_BUNDLE:-none}', this image bundle {{ bundle }}: use the image of the same dstack-vpn version (README: The spoke image)"
+# The compose file needs a bundle this image reads (it reads every one up to its own): an older
+# image refuses a compose file that needs what it lacks (bundle 3: the TCP transport's v2ray).
+case "${DSTACK_VPN_BUNDLE:-}" in
+{{ bundles | join(" | ") }}) ;;
+*) fail "the compose file speaks bundle '${DSTACK_VPN_BUNDLE:-none}', this image bundles {{ bundles | join(", ") }}: use the image of the same dstack-vpn version (README: The spoke image)" ;;
+esac
 for var in DSTACK_VPN_NODE DSTACK_VPN_ADDRESS DSTACK_VPN_INTERFACE DSTACK_VPN_PUBLIC_KEY DSTACK_VPN_HUB_PUBLIC_KEY \
 	DSTACK_VPN_HUB_ADDRESS DSTACK_VPN_STATUS_PORT DSTACK_VPN_WIREGUARD DSTACK_VPN_FIREWALL; do
 	[ -n "${!var:-}" ] || fail "$var is not set: the compose file dstack-vpn rendered sets it"
@@ -54,6 +57,12 @@ fi
 
 printf '%s\n' "$DSTACK_VPN_FIREWALL" >"$KEYS/firewall.nft"
 printf '%s\n' "$DSTACK_VPN_WIREGUARD" >"$KEYS/$IF.conf"
+# (public, read by v2ray as nobody: beside the keys' folder, not in it)
+TCP_CONF=/run/dstack-vpn-tcp-transport.json
+if [ -n "${DSTACK_VPN_TCP_TRANSPORT:-}" ]; then
+	(umask 022 && printf '%s\n' "$DSTACK_VPN_TCP_TRANSPORT" >"$TCP_CONF")
+	v2ray -test -config "$TCP_CONF" >/dev/null || fail "v2ray refused DSTACK_VPN_TCP_TRANSPORT"
+fi
 
 # The status page's helper hands it the peer dump here (see below).
 DUMP_DIR=/run/dstack-vpn-status
@@ -61,16 +70,18 @@ DUMP_SOCKET=$DUMP_DIR/wg-dump.sock
 status_pid=
 helper_pid=
 watchdog_pid=
+tcp_pid=
 stop() {
 	trap - TERM INT
 	say "stopping"
 	if [ -n "$watchdog_pid" ]; then kill "$watchdog_pid" 2>/dev/null || true; fi
+	if [ -n "$tcp_pid" ]; then kill "$tcp_pid" 2>/dev/null || true; fi
 	if [ -n "$status_pid" ]; then kill "$status_pid" 2>/dev/null || true; fi
 	if [ -n "$helper_pid" ]; then kill "$helper_pid" 2>/dev/null || true; fi
 	rm -rf "$DUMP_DIR"
 	wg-quick down "$KEYS/$IF.conf" >/dev/null 2>&1 || ip link del dev "$IF" 2>/dev/null || true
 	nft delete table inet dstack_vpn 2>/dev/null || true
-	rm -rf "$KEYS"
+	rm -rf "$KEYS" "$TCP_CONF"
 	exit 0
 }
 trap stop TERM INT
@@ -78,6 +89,18 @@ trap stop TERM INT
 nft -c -f "$KEYS/firewall.nft" || fail "this kernel refused the firewall (nftables needs dstack OS 0.5.8 or later)"
 nft -f "$KEYS/firewall.nft"
 say "firewall loaded (table inet dstack_vpn)"
+# WireGuard over TCP (transport tcp or auto): v2ray, as nobody with no capability, takes
+# WireGuard's datagrams on 127.0.0.1 and carries them over TCP to the hub.
+start_tcp() {
+	setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
+		--inh-caps=-all --ambient-caps=-all --bounding-set=-all \
+		env -i PATH="$PATH" v2ray -config "$TCP_CONF" &
+	tcp_pid=$!
+}
+if [ -n "${DSTACK_VPN_TCP_TRANSPORT:-}" ]; then
+	start_tcp
+	say "WireGuard over TCP to the hub (v2ray)"
+fi
 # a container restarted after a crash finds its old interface still there
 if ip link show dev "$IF" >/dev/null 2>&1; then ip link del dev "$IF"; fi
 wg-quick up "$KEYS/$IF.conf" || fail "$IF did not come up"
@@ -106,7 +129,8 @@ start_status() {
 	status_pid=$!
 }
 start_watchdog() {
-	bash {{ watchdog }} "$IF" "$DSTACK_VPN_HUB_ADDRESS" &
+	# shellcheck disable=SC2086 # DSTACK_VPN_AUTO: two endpoints (transport auto) or none
+	bash {{ watchdog }} "$IF" "$DSTACK_VPN_HUB_ADDRESS" ${DSTACK_VPN_AUTO:-} &
 	watchdog_pid=$!
 }
 start_helper
@@ -130,6 +154,10 @@ while :; do
 	if ! kill -0 "$status_pid" 2>/dev/null; then
 		say "status page stopped; starting it again"
 		start_status
+	fi
+	if [ -n "$tcp_pid" ] && ! kill -0 "$tcp_pid" 2>/dev/null; then
+		say "v2ray (TCP transport) stopped; starting it again"
+		start_tcp
 	fi
 	if ! kill -0 "$watchdog_pid" 2>/dev/null; then
 		say "watchdog stopped; starting it again"

@@ -53,6 +53,8 @@ if ip link show dev "$IF" >/dev/null 2>&1; then
 		if [ "$old" != "$ADDRESS" ]; then ip address del "$old" dev "$IF"; fi
 	done
 	ip address replace "$ADDRESS" dev "$IF"
+	mtu=$(awk -F' = ' '$1 == "MTU" { print $2 }' "$stage/$IF.conf")
+	if [ -n "$mtu" ] && [ "$mtu" != "$(cat "/sys/class/net/$IF/mtu")" ]; then ip link set mtu "$mtu" dev "$IF"; fi
 	ip link set up dev "$IF"
 	# Routes as wg-quick makes them: one per allowed network not already covered.
 	# (field 1 is the peer's key, base64 with '/' in it; field 2 its networks)

@@ -13,10 +13,11 @@ def lab_network(name: str):
     first, and every host and namespace goes at the end, on failure too."""
     need_root("the lab")
     from lab.example import LabNetwork
+    from lab.hosts import Lab
 
+    Lab(name=name).cleanup_stale()  # before the network reads its (stale) engine state
     network = LabNetwork(name=name, log=lambda *_: None)
     try:
-        network.lab.cleanup_stale()
         network.lab.prepare()
         yield network
     finally:

@@ -19,15 +19,15 @@ from lab.probe import Probe
 
 LAB = "dvr"
 # The last landed commit. An `up` with this code over a network it deployed may change only what
-# the commits since say they change (git log UPGRADE_FROM..), all in place. Since d5d11c8: the
-# hub's firewall (it answers its spokes' echo requests on the overlay) and each spoke's install
-# step (iputils-ping, for the watchdog) and wireguard step (the watchdog in dstack-vpn-nudge); the
-# dstack spoke's compose output names the spoke image by digest, and the lab runs it in its place.
-UPGRADE_FROM = "d5d11c8e592e43df8d1056842f19ddfc8fed2a17"
+# the commits since say they change (git log UPGRADE_FROM..), all in place. Since 54dac6a: every
+# host gets the new transport step (created: it finds no TCP transport to set up or remove), and
+# each node's wireguard step is updated (its script applies an MTU in place; a spoke's watchdog can
+# switch transports); the dstack spoke's image (now with v2ray) has a new digest.
+UPGRADE_FROM = "54dac6abaeb15029e3a9b9967c29ca526198014f"
 # The network of this module runs its hub on Debian 12 (the lab stack's own hub is on Debian 13).
 HUB_IMAGE = "debian-12-x64"
-UPGRADE_CHANGES = sorted([("update", "hub-firewall")] +
-                         [("update", f"{n}-{s}") for n in ("node-a", "node-b", "node-c") for s in ("install", "wireguard")])
+UPGRADE_CHANGES = sorted([(op, f"{n}-{step}") for n in ("hub", "node-a", "node-b", "node-c")
+                          for op, step in (("create", "transport"), ("update", "wireguard"))])
 
 
 OLD_UP = """
@@ -233,7 +233,7 @@ def test_a_hub_deleted_in_the_console_is_made_again_by_up(net):
     assert ("create", "hub") in ops and ("create", "hub-ip-assignment") in ops
     assert ("update", "hub-cloud-firewall") in ops
     assert sorted(n for o, n in ops if o == "replace") == ["hub-firewall", "hub-forwarding", "hub-install",
-                                                           "hub-wireguard"]
+                                                           "hub-transport", "hub-wireguard"]
     assert not [n for _, n in ops if n.startswith("node-")], ops
     new = net.node_hosts()["hub"]
     assert new.name != old.name and public_ip in new.extra_addresses
@@ -250,7 +250,7 @@ def test_a_droplet_spoke_deleted_in_the_console_is_made_again_by_up(net):
     assert ("gone", "node-a") in changed(result, ("gone",))
     assert ("create", "node-a") in ops and ("update", "node-a-cloud-firewall") in ops
     assert sorted(n for o, n in ops if o == "replace") == ["node-a-firewall", "node-a-install", "node-a-status",
-                                                           "node-a-wireguard"]
+                                                           "node-a-transport", "node-a-wireguard"]
     assert not [n for _, n in ops if n.startswith(("hub", "node-b", "node-c", "node-d"))], ops
     assert converged(net, 90)
     print(f"node-a lost: full reachability {time.monotonic() - t0:.1f} s after `up` began")

@@ -54,7 +54,7 @@ def test_the_image_holds_the_tools_our_two_files_and_no_package_lists(built):
         assert layer["mediaType"].endswith("tar+gzip")
         rootfs = tarfile.open(fileobj=io.BytesIO(blob(tar, layer["digest"])), mode="r:gz")
     assert config["config"]["Entrypoint"] == [build.ENTRYPOINT]
-    assert config["config"]["Labels"]["dstack-vpn.bundle"] == str(dstack.BUNDLE)
+    assert config["config"]["Labels"]["dstack-vpn.bundle"] == str(dstack.IMAGE_BUNDLES[-1])
     assert config["created"].startswith("2023-11-14")  # SOURCE_DATE_EPOCH, not the build's time
     members = {m.name.lstrip("./"): m for m in rootfs.getmembers()}
     entrypoint = members[build.ENTRYPOINT.lstrip("/")]

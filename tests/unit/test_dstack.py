@@ -123,12 +123,46 @@ def test_compose_runs_the_image_by_digest_on_the_hosts_network(bundle):
     assert env["DSTACK_VPN_PRIVATE_KEY"].startswith("${DSTACK_VPN_PRIVATE_KEY:?")
 
 
+def compose_environment(**spoke) -> dict:
+    cfg = parse(spokes=[{**DSTACK, **spoke}])
+    hub_public = keys.wireguard_public_key(keys.wireguard_private_key())
+    node = dstack.dstack_node(cfg, cfg.spokes[0], keys.wireguard_public_key(keys.wireguard_private_key()),
+                              hub_public, "203.0.113.5")
+    return yaml.safe_load(dstack.compose(node))["services"]["dstack-vpn"]["environment"]
+
+
 def test_the_compose_sets_every_variable_the_image_reads(bundle):
-    """The image's entrypoint and the compose file are one contract (dstack.BUNDLE)."""
+    """The image's entrypoint and the compose file are one contract (dstack.BUNDLE); the TCP
+    transport's variables are set where the spoke's transport uses them."""
     entrypoint = image_build.files()[image_build.ENTRYPOINT][1]
     read = set(re.findall(r"\b(DSTACK_VPN_[A-Z_]+)", entrypoint)) - {"DSTACK_VPN_STAGE"}
     service = yaml.safe_load(bundle["compose"])["services"]["dstack-vpn"]
-    assert read == set(service["environment"]), read ^ set(service["environment"])
+    assert read == set(service["environment"]) | {"DSTACK_VPN_TCP_TRANSPORT", "DSTACK_VPN_AUTO"}
+    assert read == set(compose_environment(transport="auto"))
+    assert read - {"DSTACK_VPN_AUTO"} == set(compose_environment(transport="tcp"))
+
+
+def test_a_compose_that_needs_the_tcp_transport_asks_for_an_image_that_has_it():
+    """Bundle 2 (any image) unless the spoke's transport is tcp or auto: an image of bundle 2 has
+    no v2ray, and refuses bundle 3 by name; this image reads both."""
+    assert compose_environment()["DSTACK_VPN_BUNDLE"] == "2"
+    assert compose_environment(transport="tcp")["DSTACK_VPN_BUNDLE"] == "3"
+    assert compose_environment(transport="auto")["DSTACK_VPN_BUNDLE"] == "3"
+    entrypoint = image_build.files()[image_build.ENTRYPOINT][1]
+    assert '\n2 | 3) ;;\n' in entrypoint
+
+
+def test_a_dstack_spokes_transport_reaches_its_compose():
+    env = compose_environment(transport="auto", mtu=1280)
+    assert "Endpoint = 203.0.113.5:51820\n" in env["DSTACK_VPN_WIREGUARD"]
+    assert "MTU = 1200\n" in env["DSTACK_VPN_WIREGUARD"]
+    assert env["DSTACK_VPN_AUTO"] == "203.0.113.5:51820 127.0.0.1:51821"
+    tcp = json.loads(env["DSTACK_VPN_TCP_TRANSPORT"])
+    assert tcp["outbounds"][0]["settings"]["vnext"][0]["address"] == "203.0.113.5"
+    assert tcp["inbounds"][0]["listen"] == "127.0.0.1" and tcp["inbounds"][0]["port"] == 51821
+    env = compose_environment(transport="tcp")
+    assert "Endpoint = 127.0.0.1:51821\n" in env["DSTACK_VPN_WIREGUARD"]
+    assert "MTU = 1420\n" in env["DSTACK_VPN_WIREGUARD"]  # not loopback's (wg-quick's reckoning)
 
 
 def test_compose_holds_no_secret(bundle):

@@ -219,7 +219,7 @@ def test_a_droplet_lost_outside_pulumi_is_made_again_without_dialling_the_old_on
     assert ("gone", "hub") in ops and ("gone", "hub-ip-assignment") in ops
     assert ("create", "hub") in ops and ("create", "hub-ip-assignment") in ops
     assert [n for o, n in ops if o == "replace"] == ["hub-firewall", "hub-forwarding", "hub-install",
-                                                      "hub-wireguard"]
+                                                      "hub-transport", "hub-wireguard"]
     # nothing ran against the lost droplet: no undo, no delete of the droplet or its assignment
     assert [c for c in rec.calls if c[0] == "delete"] == []
     assert ("update", "hub-cloud-firewall") in rec.calls

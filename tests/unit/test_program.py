@@ -37,10 +37,10 @@ def test_resource_graph_of_the_example_stack(example):
     assert count("digitalocean:index/reservedIp:ReservedIp") == 1
     assert count("digitalocean:index/reservedIpAssignment:ReservedIpAssignment") == 1
     assert count("digitalocean:index/sshKey:SshKey") == 1
-    assert count(CMD) == 4 + 3 * 4
+    assert count(CMD) == 5 + 3 * 5  # install, firewall, (forwarding,) wireguard, (status,) transport
     assert count(program.DYNAMIC) == 4 + 3 + 2  # wg keys, preshared keys, droplet host keys
     assert sorted(r.name for r in example.of_type(CMD) if r.name.startswith("hub-")) == [
-        "hub-firewall", "hub-forwarding", "hub-install", "hub-wireguard"]
+        "hub-firewall", "hub-forwarding", "hub-install", "hub-transport", "hub-wireguard"]
 
 
 def test_parentage(example):
@@ -57,9 +57,9 @@ def test_parentage(example):
 
 def test_steps_run_in_order_and_undo_before_replace(example):
     # forwarding after the firewall: the hub never routes without its ruleset
-    chains = {"hub": ["install", "firewall", "forwarding", "wireguard"],
-              "node-a": ["install", "firewall", "wireguard", "status"],
-              "node-b": ["install", "firewall", "wireguard", "status"]}
+    chains = {"hub": ["install", "firewall", "forwarding", "wireguard", "transport"],
+              "node-a": ["install", "firewall", "transport", "wireguard", "status"],
+              "node-b": ["install", "firewall", "transport", "wireguard", "status"]}
     for host, chain in chains.items():
         for before, after in zip(chain, chain[1:]):
             assert example.named(f"{host}-{before}").urn in example.named(f"{host}-{after}").dependencies
@@ -171,7 +171,7 @@ def test_no_command_text_carries_a_secret_marked_or_not():
     run = program.run(settings(spokes=spokes, phalaApiKey="phak_never_in_a_command"))
     secrets = secret_texts(run) | {"phak_never_in_a_command"}
     commands = run.of_type(CMD) + run.of_type("command:local:Command")
-    assert len(commands) == 17
+    assert len(commands) == 21
     found = [(reg.name, field, s[:6]) for reg in commands for field in ("create", "update", "delete")
              for s in secrets if s in json.dumps(program.unwrap(reg.inputs.get(field)))]
     assert found == []
@@ -214,7 +214,7 @@ def test_bad_config_registers_nothing():
 
 def test_preview_with_unknown_values_does_not_fail():
     run = program.run(settings(), preview=True)
-    assert len(run.of_type(CMD)) == 16
+    assert len(run.of_type(CMD)) == 20
     # unknown outputs stay unknown, nothing is invented
     assert run.outputs["hubPublicIp"] is pulumi.output.UNKNOWN
     assert all(node["public_key"] is pulumi.output.UNKNOWN for name, node in run.outputs["nodes"].items())

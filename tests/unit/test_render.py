@@ -108,7 +108,7 @@ _CFG = example_config()
 _HUB_KEY = "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMTI="
 _SPOKE = spoke_node(_CFG, _CFG.spokes[0], hub_public_key=_HUB_KEY)
 SCRIPT_VALUES = {
-    "install": install_step(spoke_roles()).values,
+    "install": install_step(_SPOKE, spoke_roles()).values,
     "forwarding": forwarding.values(),
     "firewall": firewall.step_values(),
     "wireguard": wireguard.interface_values(_SPOKE),

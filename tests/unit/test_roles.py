@@ -1,6 +1,6 @@
 """The node/role seam: what a role declares reaches every place built from it (the install step,
 the host ruleset, the cloud firewall, the spoke image, the config's keys), and steps run in the
-order their `after` names give. A made-up role stands in for the next one (a tcp transport)."""
+order their `after` names give. A made-up role stands in for the next one."""
 import json
 
 import pytest
@@ -14,22 +14,22 @@ from components.keys import ssh_key_pair
 from test_render import example_config, nft_check
 
 
-class Transport(Role):
-    """A made-up role: a TCP listener on the hub for spokes whose UDP is blocked."""
-    name = "tcp-transport"
-    config_keys = frozenset({"tcpPort"})
-    packages = ("udp2raw",)
+class Extra(Role):
+    """A made-up role: a TCP service on the hub, open to everyone."""
+    name = "extra"
+    config_keys = frozenset({"extraPort"})
+    packages = ("socat",)
 
     def openings(self, node):
-        return [topology.Opening("tcp", 443, topology.PUBLIC)] if node.is_hub else []
+        return [topology.Opening("tcp", 8443, topology.PUBLIC)] if node.is_hub else []
 
     def steps(self, node):
-        return [Step("transport", {}, after=("wireguard",))]
+        return [Step("extra", {}, after=("wireguard",))]
 
 
 def test_every_stack_setting_is_the_networks_or_a_roles():
     assert config.top_level_keys() == config.NETWORK_KEYS | {
-        "listenPort", "interface", "adminCidrs", "statusPort", "statusCidrs"}
+        "listenPort", "interface", "mtu", "adminCidrs", "statusPort", "statusCidrs", "tcpPort"}
     owners = {}
     for role in all_roles():
         for key in role.config_keys:
@@ -38,17 +38,18 @@ def test_every_stack_setting_is_the_networks_or_a_roles():
 
 
 def test_the_install_step_installs_what_the_roles_declare():
-    assert install_step(hub_roles()).values == {"packages": ["wireguard-tools", "nftables"],
-                                                "userspace": ["wireguard-go"]}
-    values = install_step(hub_roles() + [Transport()]).values
-    assert values["packages"] == ["wireguard-tools", "nftables", "udp2raw"]
+    hub = hub_node(example_config())
+    assert install_step(hub, hub_roles()).values == {"packages": ["wireguard-tools", "nftables"],
+                                                     "userspace": ["wireguard-go"]}
+    values = install_step(hub, hub_roles() + [Extra()]).values
+    assert values["packages"] == ["wireguard-tools", "nftables", "socat"]
     script = render.script("install", "scripts/install.sh", **values)
-    assert "for pkg in wireguard-tools nftables udp2raw; do" in script
+    assert "for pkg in wireguard-tools nftables socat; do" in script
 
 
 def test_the_spoke_image_holds_what_a_dstack_spokes_roles_declare():
-    assert dstack.image_packages() == ["wireguard-tools", "iputils-ping", "nftables", "wireguard-go", "python3",
-                                       "iproute2"]
+    assert dstack.image_packages() == ["wireguard-tools", "iputils-ping", "nftables", "v2ray", "wireguard-go",
+                                       "python3", "iproute2"]
     from image import build
     assert list(build.PACKAGES) == dstack.image_packages()
 
@@ -56,18 +57,18 @@ def test_the_spoke_image_holds_what_a_dstack_spokes_roles_declare():
 def test_a_roles_opening_reaches_the_host_ruleset_and_the_cloud_firewall(tmp_path):
     cfg = example_config()
     node = Node(cfg, "hub", cfg.hub.address, "droplet", None, metadata_service=True)
-    node.openings = openings(node, hub_roles() + [Transport()], ssh_port=22)
+    node.openings = openings(node, hub_roles() + [Extra()], ssh_port=22)
     assert node.openings == [topology.Opening("tcp", 22, topology.ADMIN),
                              topology.Opening("udp", cfg.listen_port, topology.PUBLIC),
-                             topology.Opening("tcp", 443, topology.PUBLIC)]
+                             topology.Opening("tcp", 8443, topology.PUBLIC)]
     text = render.render("nftables/hub.nft", **firewall.values(node))
     nft_check(tmp_path, text)
-    assert "\t\tudp dport 51820 accept\n\t\ttcp dport 443 accept\n" in text
+    assert "\t\tudp dport 51820 accept\n\t\ttcp dport 8443 accept\n" in text
     assert topology.cloud_firewall_inbound(cfg, node.openings)[-1] == dict(
-        protocol="tcp", port_range="443", source_addresses=["0.0.0.0/0", "::/0"])
+        protocol="tcp", port_range="8443", source_addresses=["0.0.0.0/0", "::/0"])
     # without the role, neither has it
     plain = hub_node(cfg)
-    assert "dport 443" not in render.render("nftables/hub.nft", **firewall.values(plain))
+    assert "dport 8443" not in render.render("nftables/hub.nft", **firewall.values(plain))
     assert [r["port_range"] for r in topology.cloud_firewall_inbound(cfg, plain.openings)] == ["22", "51820"]
 
 
@@ -85,11 +86,11 @@ def test_a_spoke_without_the_status_role_opens_no_status_port(tmp_path):
 def test_steps_follow_what_they_name_and_a_new_roles_step_slots_in():
     cfg = example_config()
     node = spoke_node(cfg, cfg.spokes[1])
-    steps = [install_step(spoke_roles())] + [s for r in spoke_roles() + [Transport()] for s in r.steps(node)]
-    assert [s.name for s in ordered(steps)] == ["install", "firewall", "wireguard", "status", "transport"]
+    steps = [install_step(node, spoke_roles())] + [s for r in spoke_roles() + [Extra()] for s in r.steps(node)]
+    assert [s.name for s in ordered(steps)] == ["install", "firewall", "transport", "wireguard", "status", "extra"]
     hub = hub_node(cfg)
-    steps = [install_step(hub_roles())] + [s for r in hub_roles() for s in r.steps(hub)]
-    assert [s.name for s in ordered(steps)] == ["install", "firewall", "forwarding", "wireguard"]
+    steps = [install_step(hub, hub_roles())] + [s for r in hub_roles() for s in r.steps(hub)]
+    assert [s.name for s in ordered(steps)] == ["install", "firewall", "forwarding", "wireguard", "transport"]
     # the spoke's tunnel waits for the hub's peers: a step of another node, by name
     (wg,) = [s for r in spoke_roles() for s in r.steps(node) if s.name == "wireguard"]
     assert "hub/wireguard" in wg.after
@@ -117,7 +118,7 @@ def test_a_role_knows_no_node_kind():
 def test_the_roles_cli_lists_the_host_packages(capsys):
     import runpy
     runpy.run_module("components.roles", run_name="__main__")
-    assert json.loads(capsys.readouterr().out) == {"hosts": ["wireguard-tools", "nftables", "iputils-ping",
+    assert json.loads(capsys.readouterr().out) == {"hosts": ["wireguard-tools", "nftables", "v2ray", "iputils-ping",
                                                              "wireguard-go"]}
 
 

@@ -1,0 +1,2 @@
+{% include "scripts/_lib.sh" %}
+{% include "scripts/_transport-off.sh" %}
