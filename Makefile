@@ -25,3 +25,4 @@ bench: deps
 	.venv/bin/python benchmarks/change_steps.py
 	.venv/bin/python benchmarks/lab_converge.py
 	.venv/bin/python benchmarks/lab_changes.py
+	.venv/bin/python benchmarks/lab_throughput.py
