@@ -7,8 +7,9 @@ WireGuard's datagrams on 127.0.0.1 and sends each, framed, over TCP to the hub's
 hub, the server, which hands every datagram to the hub's own WireGuard port on 127.0.0.1 and
 nowhere else (freedom's redirect: it can carry nothing but WireGuard). WireGuard authenticates
 every packet itself, so the VLESS user id is not a secret: it admits to nothing but the port UDP
-already reaches. The hub's service, its opening (host ruleset and cloud firewall) and the package
-exist only while some spoke's transport is tcp or auto; on a spoke, only where its own is.
+already reaches. The hub's service and its opening (host ruleset and cloud firewall) exist only
+while some spoke's transport is tcp or auto; on a spoke, only where its own is. The package is
+installed where a node first uses TCP and stays (its own proxy disabled) until destroy purges it.
 
 On a host: /etc/dstack-vpn/tcp-transport.json and dstack-vpn-tcp.service (a dynamic user, no
 capability but binding the hub's port). Every host has the step: it sets the service up where the
