@@ -5,6 +5,7 @@ import pulumi
 
 from components import config, preflight
 from components.network import Network
+from components.roles import postgres
 
 try:
     settings = config.from_pulumi()  # bad config stops here, before any resource exists
@@ -21,6 +22,10 @@ network = Network(pulumi.get_project(), settings)
 pulumi.export("hubPublicIp", network.hub_public_ip)
 pulumi.export("nodes", network.nodes)
 pulumi.export("deployPublicKey", network.deploy_public_key)
+if network.postgres_secrets:  # connection strings and the CA (plain), the passwords (secret)
+    plain, passwords = postgres.outputs(settings, network.postgres_secrets)
+    pulumi.export("postgres", plain)
+    pulumi.export("postgresPasswords", passwords)
 if network.dstack_spokes:  # each dstack spoke's app: the compose file, and its environment (secret)
     pulumi.export("dstackCompose", {n: s.compose for n, s in network.dstack_spokes.items()})
     pulumi.export("dstackEnv", pulumi.Output.secret({n: s.env for n, s in network.dstack_spokes.items()}))

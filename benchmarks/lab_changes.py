@@ -104,8 +104,8 @@ def measure(net: LabNetwork, change: str, act, own: str | None = None) -> dict:
 
 
 def main() -> None:
-    net = LabNetwork(name="dvm", log=lambda *_: None)
-    base = [dict(s) for s in stack_settings()["spokes"]]
+    net = LabNetwork(name="dvm", log=lambda *_: None, postgres=False)
+    base = [dict(s) for s in stack_settings(postgres=False)["spokes"]]
     for spoke in base:
         if spoke["kind"] == "droplet":
             spoke["size"] = "s-1vcpu-1gb"  # its own: resizing the hub leaves it (and the probe on it) alone

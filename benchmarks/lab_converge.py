@@ -38,7 +38,7 @@ def spokes(n: int) -> list[dict]:
 
 
 def program_up(n: int) -> dict:
-    net = LabNetwork(name="dvb", log=lambda *_: None)
+    net = LabNetwork(name="dvb", log=lambda *_: None, postgres=False)
     try:
         settings = {"spokes": spokes(n)}
         # the `ssh` spokes' hosts exist before `pulumi up`, as they would for real

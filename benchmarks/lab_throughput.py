@@ -384,8 +384,8 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through the finally blocks: nothing left behind
         signal.signal(sig, _interrupted)
     if not args.reuse:  # what an earlier run left; its engine state goes with it, so a new object after
-        LabNetwork(name=LAB_NAME, log=lambda *_: None).lab.cleanup_stale()
-    net = LabNetwork(name=LAB_NAME, log=lambda *_: None)
+        LabNetwork(name=LAB_NAME, log=lambda *_: None, postgres=False).lab.cleanup_stale()
+    net = LabNetwork(name=LAB_NAME, log=lambda *_: None, postgres=False)
     rows: list[dict] = []
     started = time.time()
     try:
@@ -406,7 +406,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         if args.tcp_rounds:  # the same pair with the sender on the TCP transport (spokes[].transport)
-            spokes = [dict(s, transport="tcp") if s["name"] == a else dict(s) for s in stack_settings()["spokes"]]
+            spokes = [dict(s, transport="tcp") if s["name"] == a else dict(s) for s in stack_settings(postgres=False)["spokes"]]
             net.up(spokes=spokes)
             net.wait_converged(60)
             for r in range(args.tcp_rounds):

@@ -155,6 +155,8 @@ class NetworkConfig:
     mtu: int | None = None
     """The underlay path MTU of the hub and of every spoke without its own; None: wg-quick reckons
     each interface's from its route to the other end."""
+    postgres: Any = None
+    """pgconfig.PostgresConfig: the PostgreSQL cluster, or None"""
 
     @property
     def prefixlen(self) -> int:
@@ -430,11 +432,14 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
             "bundle by hand")
     hub = HubConfig(region=hub_region, size=hub_size, image=hub_image, address=str(hub_address),
                     wireguard_private_key=pinned(HUB_NAME))
+    from . import pgconfig
+    postgres = pgconfig.parse(_decode("postgres", raw.get("postgres"), None), {s.name: s for s in spokes})
     return NetworkConfig(
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
         ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip(),
-        digitalocean_ssh_key=do_key, status_cidrs=status_cidrs, tcp_port=tcp_port, mtu=mtu)
+        digitalocean_ssh_key=do_key, status_cidrs=status_cidrs, tcp_port=tcp_port, mtu=mtu,
+        postgres=postgres)
 
 
 def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:

@@ -11,6 +11,7 @@ from .config import HUB_NAME, NetworkConfig
 from .hub import Hub
 from .keys import Key, NodeKey, ssh_public_key
 from .nodes.dstack import DstackSpoke
+from .roles import postgres
 from .spoke import Spoke
 
 
@@ -53,6 +54,10 @@ class Network(pulumi.ComponentResource):
             for s in config.spokes
         ]
 
+        # Secrets the roles need (made once, kept in the stack): the PostgreSQL cluster's.
+        self.postgres_secrets = postgres.make_secrets(config, self)
+        role_secrets = {"postgres": self.postgres_secrets} if self.postgres_secrets else {}
+
         steps: dict = {}
         self.hub = Hub(HUB_NAME, {
             "config": config, "private_key": hub_key.private_key, "peers": pulumi.Output.all(*peers),
@@ -77,7 +82,7 @@ class Network(pulumi.ComponentResource):
                 "preshared_key": psks[s.name].private_key if s.name in psks else None,
                 "hub_public_key": hub_key.public_key, "hub_endpoint": self.hub.public_ip,
                 "deploy_key": pulumi.Output.secret(s.ssh_private_key) if s.ssh_private_key else deploy_private,
-                "ssh_key_id": ssh_key_id, "tags": tags, "steps": steps,
+                "ssh_key_id": ssh_key_id, "tags": tags, "steps": steps, "secrets": role_secrets,
             }, opts=child)
             for s in over_ssh
         }

@@ -54,6 +54,12 @@ def framed(text: str) -> str:
     return text + ("" if text.endswith("\n") else "\n") + END_MARKER + "\n"
 
 
+def bundle(files: dict[str, str]) -> str:
+    """Several files as one step's stdin (JSON: name -> text); templates/scripts/_bundle.sh
+    unpacks it into the step's own folder."""
+    return json.dumps(files, sort_keys=True) + "\n"
+
+
 def script(step: str, script_template: str, **values: Any) -> str:
     """A step's bash script."""
     return render(script_template, step=step, end_marker=END_MARKER, **values)

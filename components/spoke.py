@@ -2,7 +2,7 @@
 roles wireguard-spoke, firewall and status."""
 from __future__ import annotations
 
-from typing import MutableMapping, Optional, Sequence, TypedDict
+from typing import Any, MutableMapping, NotRequired, Optional, Sequence, TypedDict
 
 import pulumi
 from pulumi_command import remote
@@ -32,6 +32,8 @@ class SpokeArgs(TypedDict):
     tags: Sequence[pulumi.Input[str]]
     steps: MutableMapping[str, remote.Command]
     """Every node's steps so far, as "node/step" (the spoke's wait for "hub/wireguard")."""
+    secrets: NotRequired[dict[str, Any]]
+    """Secrets the program made for roles, by role name (the PostgreSQL cluster's)."""
 
 
 class Spoke(pulumi.ComponentResource):
@@ -40,7 +42,8 @@ class Spoke(pulumi.ComponentResource):
         cfg, spoke = args["config"], args["spoke"]
         deploy_key = pulumi.Output.secret(args["deploy_key"])
         node = spoke_node(cfg, spoke, private_key=args["private_key"], preshared_key=args["preshared_key"],
-                          hub_public_key=args["hub_public_key"], hub_endpoint=args["hub_endpoint"])
+                          hub_public_key=args["hub_public_key"], hub_endpoint=args["hub_endpoint"],
+                          secrets=args.get("secrets"))
         if spoke.kind == "droplet":
             machine = droplet.create(name, cfg, node.openings, spoke.region, spoke.size, spoke.image,
                                      deploy_key, args["ssh_key_id"], args["tags"], self)

@@ -30,6 +30,19 @@ class Opening:
         assert self.proto in ("tcp", "udp") and self.source in SOURCES, self
 
 
+@dataclass(frozen=True)
+class OverlayLimit:
+    """A port on a spoke's overlay address that only some other spokes may reach (a role's: the
+    PostgreSQL cluster's ports, for its members and clients). Other overlay ports stay open to
+    every spoke; the hub reaches none."""
+    proto: str
+    port: int
+    addresses: tuple[str, ...]
+
+    def __post_init__(self):
+        assert self.proto in ("tcp", "udp"), self
+
+
 def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
     """CIDRs by family, for the nftables sets."""
     nets = [ipaddress.ip_network(c) for c in cidrs]

@@ -33,15 +33,30 @@ PROJECT = "dstack-vpn"
 SSH_SPOKE_SUITES = {"node-c": "trixie"}
 
 
-def stack_settings(stack_file: Path = STACK_FILE) -> dict[str, Any]:
+# The program's secret outputs: never written to the lab's outputs.json.
+SECRET_OUTPUTS = ("dstackEnv", "postgresPasswords")
+# The lab stack's spokes that are there for its PostgreSQL cluster alone (its third member).
+POSTGRES_ONLY_SPOKES = ("node-e",)
+
+
+def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True) -> dict[str, Any]:
+    """The lab stack's settings; postgres=False: the network without its PostgreSQL cluster (no
+    `postgres` setting, nor the spokes only the cluster needs), as the tests of the network itself
+    and its benchmarks run it."""
     data = yaml.safe_load(Path(stack_file).read_text())["config"]
-    return {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
+    settings = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
+    if not postgres:
+        settings.pop("postgres", None)
+        settings["spokes"] = [s for s in settings.get("spokes", []) if s["name"] not in POSTGRES_ONLY_SPOKES]
+    return settings
 
 
 class LabNetwork:
     def __init__(self, lab_dir: str | Path | None = None, name: str = "dvl", stack_file: Path = STACK_FILE,
-                 log=print):
+                 log=print, postgres: bool = True):
         self.lab = Lab(lab_dir, name)
+        self.postgres = postgres
+        """False: the network without its PostgreSQL cluster (stack_settings)"""
         self.log = log
         self.stack_file = stack_file
         self.cloud = Cloud(self.lab, log=log)
@@ -72,7 +87,7 @@ class LabNetwork:
         return host
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
-        settings = {**stack_settings(self.stack_file), **overrides}
+        settings = {**stack_settings(self.stack_file, self.postgres), **overrides}
         settings.setdefault("sshPrivateKey", self.deploy_key()[0])
         spokes = [dict(s) for s in settings.get("spokes", [])]
         lab_spokes = [s for s in spokes if s.get("kind") == "ssh" and s.get("host", "").startswith("198.51.100.")]
@@ -156,7 +171,7 @@ class LabNetwork:
     def save_outputs(self, outputs: dict) -> None:
         """The outputs the tables and tests read; the secret ones stay out."""
         path = self.lab.state_dir / "outputs.json"
-        public = {k: v for k, v in outputs.items() if k != "dstackEnv"}
+        public = {k: v for k, v in outputs.items() if k not in SECRET_OUTPUTS}
         path.write_text(json.dumps(public, indent=1, sort_keys=True) + "\n")
 
     def dstack_nodes(self) -> list[str]:

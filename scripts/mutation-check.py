@@ -33,6 +33,16 @@ class Mutation:
 
 
 MUTATIONS = [
+    Mutation("PostgreSQL takes no connection without TLS",
+             "components/roles/postgres.py", 'f"hostssl all all {a}/32 scram-sha-256"', 'f"host all all {a}/32 scram-sha-256"',
+             ("tests/unit/test_postgres.py::test_pg_hba_allows_tls_only_and_only_members_and_clients",)),
+    Mutation("only members reach Patroni's API over the overlay",
+             "components/roles/postgres.py", "for port in (PATRONI_PORT, ETCD_CLIENT_PORT, ETCD_PEER_PORT)]",
+             "for port in (ETCD_CLIENT_PORT, ETCD_PEER_PORT)]",
+             ("tests/unit/test_postgres.py::test_member_firewall_opens_the_cluster_to_members_and_clients_only",)),
+    Mutation("a user's password never reaches a host (the database gets its SCRAM verifier)",
+             "components/roles/postgres.py", "verifiers={u: scram_sha256(u, passwords[u])", "verifiers={u: passwords[u]",
+             ("tests/unit/test_postgres.py::test_setup_sql_holds_verifiers_never_passwords",)),
     Mutation("the hub never opens a connection to a spoke (its own layer)",
              "templates/nftables/hub.nft", '\t\toifname "{{ interface }}" drop\n', "",
              ("tests/e2e/test_lab_network.py::test_each_layer_alone_keeps_the_hub_from_opening_connections",),

@@ -34,11 +34,25 @@ Two processes where it is deployed (privilege separation):
 
 import sys
 
+
+def _asks_patroni(argv, environ) -> bool:
+    """Whether this run reads Patroni's REST API (over TLS): --patroni-url, or its variable, set."""
+    for i, arg in enumerate(argv):
+        if arg == "--patroni-url" and i + 1 < len(argv) and argv[i + 1]:
+            return True
+        if arg.startswith("--patroni-url=") and arg.split("=", 1)[1]:
+            return True
+    return bool(environ.get("DSTACK_VPN_STATUS_PATRONI_URL"))
+
+
 if __name__ == "__main__" and "ssl" not in sys.modules:
-    # Plain HTTP only: stop asyncio from loading OpenSSL for TLS it will
-    # never do (about 5 MB resident). Only when run as a program, never in
-    # a process that imports this module.
-    sys.modules["ssl"] = None  # type: ignore[assignment]
+    import os as _os
+    if not _asks_patroni(sys.argv[1:], _os.environ):
+        # Plain HTTP only: stop asyncio from loading OpenSSL for TLS it will
+        # never do (about 5 MB resident). Only when run as a program, never in
+        # a process that imports this module, and not on a PostgreSQL member,
+        # where the page asks Patroni over TLS.
+        sys.modules["ssl"] = None  # type: ignore[assignment]
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
@@ -507,6 +521,45 @@ def postgres_role(proc: str = "/proc") -> Optional[Dict[str, Optional[str]]]:
     return {"role": role}
 
 
+# Patroni's names for a member's role, as the status page says them (Patroni 3 says "master",
+# Patroni 4 "primary").
+PATRONI_ROLES = {"master": "primary", "primary": "primary", "replica": "replica",
+                 "standby_leader": "standby_leader", "sync_standby": "replica"}
+
+
+async def patroni_role(url: str, cafile: str, timeout: float) -> Dict[str, Optional[str]]:
+    """{"role", "state", "source": "patroni"} from GET <url>/patroni (Patroni's REST API, TLS,
+    the server's certificate checked against cafile); role None when Patroni does not answer."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 8008
+    answer: Dict[str, Optional[str]] = {"role": None, "state": None, "source": "patroni"}
+    writer = None
+    try:
+        context = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None), timeout)
+        writer.write(("GET /patroni HTTP/1.0\r\nHost: %s:%d\r\nAccept: application/json\r\n\r\n"
+                      % (host, port)).encode())
+        raw = await asyncio.wait_for(reader.read(65536), timeout)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        # Patroni answers 200 on a primary and 503 elsewhere; the body says which, either way
+        doc = json.loads(body.decode("utf-8", "replace"))
+        if isinstance(doc, dict):
+            role = doc.get("role")
+            answer["role"] = PATRONI_ROLES.get(role, role if isinstance(role, str) else None)
+            state = doc.get("state")
+            answer["state"] = state if isinstance(state, str) else None
+    except (OSError, ValueError, asyncio.TimeoutError):
+        pass
+    finally:
+        if writer is not None:
+            writer.close()
+    return answer
+
+
 def _cmdline(proc: str, pid: int) -> List[str]:
     try:
         with open("%s/%d/cmdline" % (proc, pid), "rb") as f:
@@ -742,7 +795,11 @@ class Monitor:
             iface = await read_interface(opts.wg, opts.interface, opts.wg_timeout)
         now = time.time()
         disk_bytes = disk_free_bytes()
-        doc = status_document(opts, iface, now, disk_bytes, postgres_role())
+        if opts.patroni_url:  # a member of the cluster: Patroni knows its role, not the process titles
+            postgres = await patroni_role(opts.patroni_url, opts.patroni_ca, opts.wg_timeout)
+        else:
+            postgres = postgres_role()
+        doc = status_document(opts, iface, now, disk_bytes, postgres)
         problem = health_problem(opts, iface, now)
         health = ({"ok": True} if problem is None else {"ok": False, "reason": problem})
         return Snapshot(time.monotonic(), {
@@ -1346,6 +1403,9 @@ def parse_args(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str
            "connections open at once from one address (IPv6: one /%d)" % IPV6_SOURCE_PREFIX)
     option("wg-dump-socket", str, "",
            "UNIX socket of the dump helper: read the dump (without keys) there instead of running wg")
+    option("patroni-url", str, "",
+           "Patroni's REST API on this node (https://ADDRESS:8008): the postgres field from Patroni")
+    option("patroni-ca", str, "", "the CA certificate that signed Patroni's (with an https --patroni-url)")
     option("log-requests", _flag, "false", "log one line per request to stderr",
            nargs="?", const=True, metavar="BOOL")
     parser.add_argument("--dump-helper", action="store_true",

@@ -97,7 +97,22 @@ def _seeded_key(seed: str, inputs: dict) -> dict[str, str]:
         public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                    serialization.PublicFormat.OpenSSH).decode()
         return {"private_key": text, "public_key": f"{public} {inputs.get('comment', '')}"}
+    if inputs["kind"].startswith("tls-"):  # the same certificate in every run: key, serial and time from the seed
+        import datetime
+
+        from cryptography.hazmat.primitives.asymmetric import ec
+        key = ec.derive_private_key(int.from_bytes(raw, "big") % (2 ** 255) + 1, ec.SECP256R1())
+        when = dict(key=key, serial=int.from_bytes(raw[:8], "big") + 1,
+                    now=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
+        if inputs["kind"] == "tls-ca":
+            return keys.tls_ca(inputs.get("comment", ""), **when)
+        issuer_key = inputs["issuer_key"]
+        issuer_key = issuer_key["value"] if isinstance(issuer_key, dict) else issuer_key
+        return keys.tls_cert(inputs.get("comment", ""), inputs.get("names") or [], issuer_key, inputs["issuer_cert"],
+                             **when)
     private_b64 = base64.b64encode(raw).decode()
+    if inputs["kind"] == "password":
+        return {"private_key": base64.urlsafe_b64encode(raw[:24]).decode(), "public_key": ""}
     if inputs["kind"] == "preshared":
         return {"private_key": private_b64, "public_key": ""}
     return {"private_key": private_b64, "public_key": keys.wireguard_public_key(private_b64)}
@@ -124,7 +139,11 @@ class Mocks(pulumi.runtime.Mocks):
             return "", outs
         if args.typ == DYNAMIC:
             if self.seed is None:
-                made = keys.make(args.inputs["kind"], args.inputs.get("comment", ""))
+                issuer_key = args.inputs.get("issuer_key")
+                if isinstance(issuer_key, dict):  # a secret input, as the mocks see it
+                    issuer_key = issuer_key["value"]
+                made = keys.make(args.inputs["kind"], args.inputs.get("comment", ""), args.inputs.get("names"),
+                                 issuer_key, args.inputs.get("issuer_cert"))
             else:
                 made = seeded_key(f"{self.seed}/{args.name}/{args.inputs.get('rotation')}", args.inputs)
             with self.lock:

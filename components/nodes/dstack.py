@@ -35,7 +35,8 @@ PHALA_CLI_VERSION = "1.1.18"
 
 
 def roles() -> list[Role]:
-    return spoke_roles()
+    """The spoke roles a dstack app runs (not those for hosts reached over SSH only)."""
+    return [r for r in spoke_roles() if r.on_dstack]
 
 
 def image_packages() -> list[str]:

@@ -24,17 +24,24 @@ def hub_node(cfg: NetworkConfig, **keys) -> Node:
     return node
 
 
-def spoke_node(cfg: NetworkConfig, spoke: SpokeConfig, **keys) -> Node:
+def spoke_node(cfg: NetworkConfig, spoke: SpokeConfig, secrets=None, **keys) -> Node:
     """An `ssh` or `droplet` spoke as its roles see it (keys: private_key, preshared_key,
-    hub_public_key, hub_endpoint), openings included."""
-    node = Node(cfg, spoke.name, spoke.address, spoke.kind, spoke, metadata_service=spoke.kind == "droplet", **keys)
+    hub_public_key, hub_endpoint; secrets: the roles' own), openings and overlay limits included."""
+    node = Node(cfg, spoke.name, spoke.address, spoke.kind, spoke, metadata_service=spoke.kind == "droplet",
+                secrets=dict(secrets or {}), **keys)
     node.openings = openings(node, spoke_roles(), ssh_port=spoke.port)
+    node.overlay_limits = [limit for role in spoke_roles() for limit in role.overlay_limits(node)]
     return node
 
 
 def install_step(node: Node, roles: Sequence[Role]) -> Step:
-    """What apt installs (and destroy purges again, where it did install it)."""
-    return Step("install", {"packages": node_packages(node, roles), "userspace": declared(roles, "userspace")})
+    """What apt installs (and destroy purges again, where it did install it); first, the files
+    some packages read as they install (Role.preinstall)."""
+    values = {"packages": node_packages(node, roles), "userspace": declared(roles, "userspace")}
+    preinstall = {path: text for role in roles for path, text in role.preinstall(node).items()}
+    if preinstall:  # only where a role has some: every other install step's command stays as it was
+        values["preinstall"] = preinstall
+    return Step("install", values)
 
 
 def run_roles(target: Target, node: Node, roles: Sequence[Role], parent, done: MutableMapping[str, remote.Command]

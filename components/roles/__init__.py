@@ -7,7 +7,10 @@ A role declares, in its module:
 - `openings(node)`: the ports it opens over the underlay, and to whom (topology.Opening);
 - `steps(node)`: its remote steps on a host reached over SSH (components/steps.Step), each
   naming what it waits for on another node (`after`);
-- `compose(node)`: its part of a dstack spoke's app (variables of the compose file).
+- `compose(node)`: its part of a dstack spoke's app (variables of the compose file);
+- `overlay_limits(node)`: ports on the overlay only some spokes may reach (topology.OverlayLimit);
+- `preinstall(node)`: files the install step writes before apt runs (a package's own settings);
+- `on_dstack`: whether a dstack spoke runs it (a role without a compose part says no).
 
 A node kind (components/nodes/) runs a node's roles its own way: as remote steps after the
 install step, each after the steps it names (steps.ordered), or as one compose app. Adding a role is a module here, its
@@ -22,7 +25,7 @@ import pulumi
 
 from ..config import NetworkConfig, SpokeConfig
 from ..steps import Step
-from ..topology import Opening
+from ..topology import Opening, OverlayLimit
 
 
 @dataclass
@@ -48,6 +51,10 @@ class Node:
     """a dstack app's: where its entrypoint keeps the keys (the config reads them from there)"""
     metadata_service: bool = False
     """a cloud metadata service serves this node's secrets to local processes (a droplet's)"""
+    overlay_limits: list[OverlayLimit] = field(default_factory=list)
+    """every overlay limit of the node's roles (the spoke firewall drops other spokes there)"""
+    secrets: dict[str, Any] = field(default_factory=dict)
+    """secrets the program made for a role, by role name (outputs): postgres.Secrets"""
 
     @property
     def is_hub(self) -> bool:
@@ -63,6 +70,8 @@ class Role:
     """installed where the kernel has no WireGuard (and in the spoke image)"""
     image_packages: tuple[str, ...] = ()
     """only in the spoke image: what every host OS already has"""
+    on_dstack: bool = True
+    """a dstack spoke runs the role (its compose part); False: hosts reached over SSH only"""
 
     def node_packages(self, node: Node) -> tuple[str, ...]:
         """What the install step of this node installs for the role."""
@@ -73,6 +82,14 @@ class Role:
 
     def steps(self, node: Node) -> list[Step]:
         return []
+
+    def overlay_limits(self, node: Node) -> list[OverlayLimit]:
+        return []
+
+    def preinstall(self, node: Node) -> dict[str, str]:
+        """path -> content, written by the install step before apt installs anything (and removed
+        by its undo)."""
+        return {}
 
     def compose(self, node: Node) -> dict[str, Any]:
         """Variables of the dstack app's compose file (public only), from a node whose values are
@@ -88,8 +105,8 @@ def hub_roles() -> list[Role]:
 
 
 def spoke_roles() -> list[Role]:
-    from . import firewall, status, transport, wireguard
-    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE]
+    from . import firewall, postgres, status, transport, wireguard
+    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE, postgres.ROLE]
 
 
 def all_roles() -> list[Role]:

@@ -24,7 +24,8 @@ def values(node: Node) -> dict:
     if node.is_hub:
         return dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay, mss_clamps=wireguard.mss_clamps(node))
     status = {k: sets[k] for k in ("status_port", "status_v4", "status_v6") if k in sets}
-    return dict(common, hub_address=cfg.hub.address, overlay=cfg.overlay, **status)
+    return dict(common, hub_address=cfg.hub.address, overlay=cfg.overlay, overlay_limits=node.overlay_limits,
+                **status)
 
 
 def step_values() -> dict:

@@ -7,4 +7,8 @@ if [ -f "$STATE/installed-packages" ]; then
 	fi
 	rm -f "$STATE/installed-packages"
 fi
+{% if preinstall is defined %}
+rm -f{% for path in preinstall %} {{ path | shquote }}{% endfor %}
+
+{% endif %}
 rmdir "$STATE" 2>/dev/null || true

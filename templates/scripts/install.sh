@@ -4,6 +4,14 @@ if command -v cloud-init >/dev/null 2>&1; then
 	cloud-init status --wait >/dev/null 2>&1 || true
 fi
 
+{% if preinstall is defined %}
+# What some packages read as they install (written before apt runs; install-undo removes them).
+{% for path, text in preinstall.items() %}
+mkdir -p {{ path.rsplit("/", 1)[0] | shquote }}
+cat >{{ path | shquote }} <<'DSTACK_VPN_FILE'
+{{ text }}DSTACK_VPN_FILE
+{% endfor %}
+{% endif %}
 need=()
 pkg_missing() { ! dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q '^install ok installed'; }
 for pkg in {{ packages | join(" ") }}; do

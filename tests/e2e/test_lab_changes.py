@@ -39,7 +39,7 @@ def spokes(net, *extra, without=()):
     """The network's spokes as they stand: a rotation made by one test stays in the config the next
     tests deploy (leaving it out would rotate that key back)."""
     from lab.example import stack_settings
-    out = [dict(s) for s in stack_settings()["spokes"] if s["name"] not in without]
+    out = [dict(s) for s in stack_settings(postgres=False)["spokes"] if s["name"] not in without]
     for spoke in out:
         if spoke["name"] in net.rotations:
             spoke["keyRotation"] = net.rotations[spoke["name"]]

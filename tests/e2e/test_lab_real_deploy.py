@@ -19,15 +19,14 @@ from lab.probe import Probe
 
 LAB = "dvr"
 # The last landed commit. An `up` with this code over a network it deployed may change only what
-# the commits since say they change (git log UPGRADE_FROM..), all in place. Since 54dac6a: every
-# host gets the new transport step (created: it finds no TCP transport to set up or remove), and
-# each node's wireguard step is updated (its script applies an MTU in place; a spoke's watchdog can
-# switch transports); the dstack spoke's image (now with v2ray) has a new digest.
-UPGRADE_FROM = "54dac6abaeb15029e3a9b9967c29ca526198014f"
+# the commits since say they change (git log UPGRADE_FROM..), all in place. Since 1cc4f68: the
+# status program reads a PostgreSQL member's role from Patroni, so every `ssh`/`droplet` spoke's
+# status step is updated (the program file it installs changed; outside a cluster its unit did not).
+# The network here has no PostgreSQL cluster (the lab stack's without it: postgres=False).
+UPGRADE_FROM = "1cc4f681bba705ba8d8b123442fe2575a57b9e00"
 # The network of this module runs its hub on Debian 12 (the lab stack's own hub is on Debian 13).
 HUB_IMAGE = "debian-12-x64"
-UPGRADE_CHANGES = sorted([(op, f"{n}-{step}") for n in ("hub", "node-a", "node-b", "node-c")
-                          for op, step in (("create", "transport"), ("update", "wireguard"))])
+UPGRADE_CHANGES = sorted([("update", f"{n}-status") for n in ("node-a", "node-b", "node-c")])
 
 
 OLD_UP = """
@@ -36,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 from lab.example import LabNetwork   # the lab (the stand-in cloud) is today's
 sys.path.insert(0, {tree!r})         # the program, its components included, is the old commit's
-net = LabNetwork(name={lab!r}, log=lambda *a: None)
+net = LabNetwork(name={lab!r}, log=lambda *a: None, postgres=False)
 net.lab.prepare()
 result = net.engine.up(net.settings(hubImage={hub_image!r}), program=Path({tree!r}) / "__main__.py")
 net.save_outputs(result.outputs)
@@ -81,7 +80,7 @@ def net(tmp_path_factory):
     from lab.example import LabNetwork
 
     tree = _old_tree(tmp_path_factory)
-    network = LabNetwork(name=LAB, log=lambda *_: None)
+    network = LabNetwork(name=LAB, log=lambda *_: None, postgres=False)
     try:
         network.lab.cleanup_stale()
         network.lab.prepare()
@@ -92,7 +91,7 @@ def net(tmp_path_factory):
                                   cwd="/", capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, f"the old commit's up failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
             print(f"\nold commit {UPGRADE_FROM[:7]}: {proc.stdout.strip()} in {time.monotonic() - t0:.1f} s")
-            network = LabNetwork(name=LAB, log=lambda *_: None)  # reads the state the old run left
+            network = LabNetwork(name=LAB, log=lambda *_: None, postgres=False)  # reads the state the old run left
         network.deployed_by_old_code = tree is not None
         yield network
     finally:
@@ -158,7 +157,7 @@ def test_a_second_stack_with_the_same_deploy_key(net):
     deploy_private, deploy_public = net.deploy_key()
     fingerprint = next(k["fingerprint"] for k in net.cloud.account._load().values()
                        if k["public_key"].split()[1] == deploy_public.split()[1])
-    second = {**stack_settings(), "spokes": [], "sshPrivateKey": deploy_private}
+    second = {**stack_settings(postgres=False), "spokes": [], "sshPrivateKey": deploy_private}
     engine = Cloud(net.lab, log=lambda *_: None).engine(net.lab.state_dir / "second-stack.json", log=lambda *_: None)
     try:
         with pytest.raises(EngineError, match="422 SSH Key is already in use on your account"):

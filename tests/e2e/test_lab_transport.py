@@ -26,7 +26,7 @@ def spokes(**changes):
     """The lab's spokes (without its dstack spoke's settings changed) plus node-e; changes:
     node name -> settings to add or remove (None)."""
     from lab.example import stack_settings
-    out = [dict(s) for s in stack_settings()["spokes"]] + [dict(NODE_E)]
+    out = [dict(s) for s in stack_settings(postgres=False)["spokes"]] + [dict(NODE_E)]
     for spoke in out:
         for key, value in changes.get(spoke["name"], {}).items():
             if value is None:

@@ -70,7 +70,8 @@ def lab(tmp_path):
 
 
 def settings(**overrides):
-    return program.stack_config(sshPrivateKey=SSH_KEY, **overrides)
+    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it)."""
+    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, **overrides})
 
 
 STEPS = ("install", "forwarding", "firewall", "wireguard", "status")

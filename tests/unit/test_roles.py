@@ -29,7 +29,7 @@ class Extra(Role):
 
 def test_every_stack_setting_is_the_networks_or_a_roles():
     assert config.top_level_keys() == config.NETWORK_KEYS | {
-        "listenPort", "interface", "mtu", "adminCidrs", "statusPort", "statusCidrs", "tcpPort"}
+        "listenPort", "interface", "mtu", "adminCidrs", "statusPort", "statusCidrs", "tcpPort", "postgres"}
     owners = {}
     for role in all_roles():
         for key in role.config_keys:
@@ -118,8 +118,9 @@ def test_a_role_knows_no_node_kind():
 def test_the_roles_cli_lists_the_host_packages(capsys):
     import runpy
     runpy.run_module("components.roles", run_name="__main__")
-    assert json.loads(capsys.readouterr().out) == {"hosts": ["wireguard-tools", "nftables", "v2ray", "iputils-ping",
-                                                             "wireguard-go"]}
+    assert json.loads(capsys.readouterr().out) == {"hosts": [
+        "wireguard-tools", "nftables", "v2ray", "iputils-ping", "postgresql", "postgresql-client", "patroni",
+        "etcd-server", "etcd-client", "wireguard-go"]}
 
 
 SSH_KEY = ssh_key_pair("roles")[0]

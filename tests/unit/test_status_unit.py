@@ -41,6 +41,9 @@ VARIABLES = {
     "listen_address": "0.0.0.0",
     "listen_port": 8000,
     "hub_public_key": "srhWIN5T+BTQx1LV1XJDrZdCeAA6V0kqz7fUIVkXyUw=",
+    # a PostgreSQL member's (elsewhere patroni_url is "" and neither option is passed)
+    "patroni_url": "https://10.88.0.11:8008",
+    "patroni_ca": "/usr/local/share/dstack-vpn/postgres-ca.crt",
 }
 
 
@@ -130,7 +133,14 @@ def test_exec_start_passes_every_value():
         "--node-name": "node-a", "--overlay-ip": "10.88.0.11", "--interface": "wg0",
         "--listen-address": "::", "--listen-port": "8123",
         "--hub-public-key": "srhWIN5T+BTQx1LV1XJDrZdCeAA6V0kqz7fUIVkXyUw=",
+        "--patroni-url": "https://10.88.0.11:8008", "--patroni-ca": "/usr/local/share/dstack-vpn/postgres-ca.crt",
         "--wg-dump-socket": DUMP_SOCKET}
+
+
+def test_a_spoke_outside_the_cluster_passes_no_patroni_option():
+    argv = exec_start_argv(parse_unit(render(patroni_url="", patroni_ca="")))
+    assert not [a for a in argv if a.startswith("--patroni")]
+    assert argv[-2:] == ["--wg-dump-socket", DUMP_SOCKET]
 
 
 def test_values_systemd_would_interpret_are_escaped():

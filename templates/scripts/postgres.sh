@@ -1,0 +1,101 @@
+{% include "scripts/_lib.sh" %}
+{% include "scripts/_bundle.sh" %}
+# stdin (secret): Patroni's settings (with the superuser's and replication passwords), this
+# member's certificate and key, the cluster's CA{% if converging %}; and, on this member, which sets
+# the cluster up, the users' SCRAM verifiers (setup.sql) and the superuser's pgpass{% endif %}.
+DIR={{ conf_dir }}
+UNIT=/etc/systemd/system/dstack-vpn-patroni.service
+have_systemd || { say "Patroni runs as a systemd service; this host has no systemd" >&2; exit 1; }
+[ -x /usr/lib/postgresql/{{ version }}/bin/postgres ] ||
+	{ say "PostgreSQL {{ version }} is not installed (postgres.version: the install step installs postgresql-{{ version }})" >&2; exit 1; }
+command -v patroni >/dev/null || { say "patroni is not installed" >&2; exit 1; }
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+receive_bundle "$stage"
+install -d -m 0700 -o postgres -g postgres "$DIR"
+changed=
+for f in ca.crt member.crt member.key patroni.yml; do
+	if ! cmp -s "$stage/$f" "$DIR/$f"; then
+		install -m 0600 -o postgres -g postgres "$stage/$f" "$DIR/$f"
+		changed=1
+	fi
+done
+umask 022
+install -D -m 0644 "$stage/ca.crt" {{ ca_path | shquote }}
+unit=$(mktemp)
+cat >"$unit" <<'UNIT'
+{% include "systemd/dstack-vpn-patroni.service" %}
+UNIT
+if ! cmp -s "$unit" "$UNIT"; then
+	install -m 0644 "$unit" "$UNIT"
+	changed=1
+fi
+rm -f "$unit"
+systemctl daemon-reload
+systemctl enable --quiet dstack-vpn-patroni.service
+
+# etcd first: Patroni without its store would not start PostgreSQL
+etcd_health() {
+	ETCDCTL_API=3 etcdctl --endpoints=https://{{ address }}:{{ etcd_port }} --cacert="$DIR/ca.crt" \
+		--cert="$DIR/member.crt" --key="$DIR/member.key" --command-timeout=3s endpoint health >/dev/null 2>&1
+}
+for _ in $(seq {{ timeout }}); do etcd_health && break; sleep 1; done
+etcd_health || { journalctl -u dstack-vpn-etcd.service -n 20 --no-pager >&2 || true
+	say "etcd on {{ address }} is not healthy (are the other members' etcd up?)" >&2; exit 1; }
+
+if ! systemctl is-active --quiet dstack-vpn-patroni.service; then
+	systemctl start dstack-vpn-patroni.service
+elif [ -n "$changed" ]; then
+	# Patroni reads its settings again and applies the parameters; those that need a restart wait
+	# for one (the last member's step restarts them one at a time)
+	systemctl reload dstack-vpn-patroni.service
+fi
+
+# members: JSON of Patroni's view of the cluster (root reads the client certificate)
+members() { patronictl -c "$DIR/patroni.yml" list -f json 2>/dev/null; }
+# Patroni's API on this member answers, over TLS, checked against the CA
+api_up() {
+	python3 -I - <<'PY'
+import json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile="{{ conf_dir }}/ca.crt")
+try:
+    urllib.request.urlopen("https://{{ address }}:{{ patroni_port }}/patroni", context=ctx, timeout=3)
+except urllib.error.HTTPError:
+    pass  # 503 on a replica: it answers
+except Exception:
+    sys.exit(1)
+PY
+}
+for _ in $(seq {{ timeout }}); do api_up && break; sleep 1; done
+api_up || { journalctl -u dstack-vpn-patroni.service -n 30 --no-pager >&2 || true
+	say "Patroni's API does not answer on {{ address }}:{{ patroni_port }}" >&2; exit 1; }
+{% if converging %}
+
+# The whole cluster: {{ members }} member(s) running, one of them the leader.
+converged() {
+	members | python3 -I -c '
+import json, sys
+rows = json.load(sys.stdin)
+leaders = [r for r in rows if r.get("Role") == "Leader" and r.get("State") == "running"]
+running = [r for r in rows if r.get("State") in ("running", "streaming")]
+sys.exit(0 if len(leaders) == 1 and len(running) == {{ members }} else 1)'
+}
+for _ in $(seq {{ timeout }}); do converged && break; sleep 1; done
+if ! converged; then
+	patronictl -c "$DIR/patroni.yml" list >&2 || true
+	say "the cluster did not converge within {{ timeout }} s: {{ members }} members running, one leader" >&2
+	exit 1
+fi
+# users and databases, on the primary (libpq finds it among the members)
+PGPASSFILE="$stage/pgpass" PGSSLMODE=verify-full PGSSLROOTCERT="$DIR/ca.crt" PGCONNECT_TIMEOUT=5 \
+	psql -X -q -v ON_ERROR_STOP=1 \
+	"host={{ member_addresses | join(",") }} port={{ pg_port }} user=postgres dbname=postgres target_session_attrs=read-write" \
+	-f "$stage/setup.sql" >/dev/null
+# parameters that only take effect after a restart: one member at a time
+if members | python3 -I -c 'import json, sys; sys.exit(0 if any(r.get("Pending restart") for r in json.load(sys.stdin)) else 1)'; then
+	say "restarting members with pending parameters, one at a time"
+	patronictl -c "$DIR/patroni.yml" restart {{ scope }} --pending --force >/dev/null
+fi
+patronictl -c "$DIR/patroni.yml" list
+{% endif %}
+say "PostgreSQL {{ version }} member {{ name }} on {{ address }}:{{ pg_port }} (dstack-vpn-patroni.service)"
