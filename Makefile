@@ -26,3 +26,4 @@ bench: deps
 	.venv/bin/python benchmarks/lab_converge.py
 	.venv/bin/python benchmarks/lab_changes.py
 	.venv/bin/python benchmarks/lab_throughput.py
+	.venv/bin/python benchmarks/lab_postgres.py

@@ -53,11 +53,14 @@ class Cluster:
         return (f"host={address} port=5432 dbname=app user=app sslmode=verify-full "
                 f"sslrootcert={self.out['caPath']}")
 
-    def pgbench(self, node, address, args: str) -> float:
-        """pgbench on `node` against `address`; its TPS (the password on stdin, never argv)."""
+    def pgbench(self, node, address, args: str) -> float | None:
+        """pgbench on `node` against `address`; its TPS (the password on stdin, never argv), None
+        for an initialisation (-i)."""
         command = (f"read -r PGPASSWORD; export PGPASSWORD; pgbench {args} {shlex.quote(self.conninfo(address))}")
         out = self.ssh(node, command, stdin=self.passwords["app"] + "\n")
         assert out.returncode == 0, out.stderr[-2000:]
+        if args.startswith("-i"):
+            return None
         match = re.search(r"tps = ([0-9.]+) \((?:without initial connection time|excluding connections)", out.stdout)
         assert match, out.stdout
         return float(match.group(1))
@@ -140,9 +143,12 @@ def main() -> int:
             time.sleep(0.5)
         figures["failover_to_writable_s"] = round(time.monotonic() - t0, 1)
         figures["new_primary"] = c.leader(replica)
+        print(json.dumps(figures, indent=1), flush=True)
+        host = net.node_hosts()[primary]  # back on, so that destroy reaches it
+        host.boot()
+        host.wait_ssh(timeout=120)
     finally:
         net.down()
-    print(json.dumps(figures, indent=1))
     return 0
 
 

@@ -40,6 +40,11 @@ ETCD_DATA = "/var/lib/etcd/dstack-vpn"
 CA_PATH = "/usr/local/share/dstack-vpn/postgres-ca.crt"
 # Debian's postgresql-common makes a cluster "main" when a server package is installed: none here.
 NO_MAIN_CLUSTER = "/etc/postgresql-common/createcluster.d/dstack-vpn.conf"
+# A member whose host is gone answers nothing (no reset): without these, libpq would wait for the
+# kernel's TCP timeouts (minutes) before trying the next host, or on a connection to the old
+# primary. 5 s to connect to each host; an unanswered write or an idle connection fails in 15 s.
+DEAD_HOST = ("connect_timeout=5&tcp_user_timeout=15000&keepalives_idle=10&keepalives_interval=5"
+             "&keepalives_count=1")
 # How long the last member's step waits for the cluster to have a leader and every member running.
 CONVERGE_TIMEOUT = 300
 
@@ -100,12 +105,13 @@ def make_secrets(cfg: NetworkConfig, parent: pulumi.Resource) -> Optional[Secret
 
 def uris(cfg: NetworkConfig) -> dict[str, dict[str, str]]:
     """libpq connection strings, one per database (as its owner): `primary` reaches whichever
-    member is the primary now (target_session_attrs=read-write tries each host in turn);
+    member is the primary now (target_session_attrs=read-write tries each host in turn, giving up
+    on a silent one after DEAD_HOST's timeouts);
     `replicas` a standby, or the primary when no standby answers. The password is not in them
     (postgresPasswords; or a ~/.pgpass)."""
     p = cfg.postgres
     hosts = ",".join(f"{a}:{PG_PORT}" for a in addresses(cfg, p.members))
-    tls = f"sslmode=verify-full&sslrootcert={CA_PATH}"
+    tls = f"sslmode=verify-full&sslrootcert={CA_PATH}&{DEAD_HOST}"
     out: dict[str, dict[str, str]] = {"primary": {}, "replicas": {}}
     for db in p.databases or ():
         base = f"postgresql://{db.owner}@{hosts}/{db.name}?{tls}"
@@ -164,10 +170,18 @@ def pgpass(cfg: NetworkConfig, passwords: dict[str, str]) -> str:
     return "".join(f"{a}:{PG_PORT}:*:{SUPERUSER}:{passwords[SUPERUSER]}\n" for a in addresses(cfg, cfg.postgres.members))
 
 
+def peer_names(cfg: NetworkConfig) -> dict[str, str]:
+    """Each member's etcd peer URL -> its name."""
+    p = cfg.postgres
+    return {f"https://{a}:{ETCD_PEER_PORT}": n for n, a in zip(p.members, addresses(cfg, p.members))}
+
+
 def etcd_values(node: Node) -> dict:
     """The etcd step's values (only what its scripts use: a change elsewhere leaves etcd alone)."""
+    others = [a for a in addresses(node.cfg, pg(node).members) if a != node.address]
     return dict(etcd_dir=ETCD_DIR, etcd_data=ETCD_DATA, address=node.address, name=node.name,
-                etcd_port=ETCD_CLIENT_PORT, keep_data=pg(node).keep_data, interface=node.cfg.interface)
+                etcd_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT, keep_data=pg(node).keep_data,
+                interface=node.cfg.interface, other_addresses=others, peer_names=peer_names(node.cfg))
 
 
 def member_values(node: Node) -> dict:
@@ -175,9 +189,9 @@ def member_values(node: Node) -> dict:
     p = pg(node)
     return dict(conf_dir=CONF_DIR, data_dir=data_dir(p.version), ca_path=CA_PATH, address=node.address,
                 name=node.name, version=p.version, keep_data=p.keep_data, pg_port=PG_PORT,
-                patroni_port=PATRONI_PORT, etcd_port=ETCD_CLIENT_PORT, scope=SCOPE, members=len(p.members),
+                patroni_port=PATRONI_PORT, etcd_port=ETCD_CLIENT_PORT, scope=SCOPE, members=list(p.members),
                 converging=node.name == converging_member(node.cfg), member_addresses=addresses(node.cfg, p.members),
-                timeout=CONVERGE_TIMEOUT, interface=node.cfg.interface)
+                timeout=CONVERGE_TIMEOUT, interface=node.cfg.interface, peer_names=peer_names(node.cfg))
 
 
 class Postgres(Role):

@@ -17,3 +17,9 @@ for name, text in files.items():
         out.write(text)
 PY
 }
+
+# install_changed MODE USER SRC DEST: SRC to DEST (owned by USER) where it differs; true when it did.
+install_changed() {
+	cmp -s "$3" "$4" && return 1
+	install -m "$1" -o "$2" -g "$2" "$3" "$4"
+}

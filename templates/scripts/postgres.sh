@@ -15,22 +15,14 @@ receive_bundle "$stage"
 install -d -m 0700 -o postgres -g postgres "$DIR"
 changed=
 for f in ca.crt member.crt member.key patroni.yml; do
-	if ! cmp -s "$stage/$f" "$DIR/$f"; then
-		install -m 0600 -o postgres -g postgres "$stage/$f" "$DIR/$f"
-		changed=1
-	fi
+	install_changed 0600 postgres "$stage/$f" "$DIR/$f" && changed=1
 done
 umask 022
 install -D -m 0644 "$stage/ca.crt" {{ ca_path | shquote }}
-unit=$(mktemp)
-cat >"$unit" <<'UNIT'
+cat >"$stage/unit" <<'UNIT'
 {% include "systemd/dstack-vpn-patroni.service" %}
 UNIT
-if ! cmp -s "$unit" "$UNIT"; then
-	install -m 0644 "$unit" "$UNIT"
-	changed=1
-fi
-rm -f "$unit"
+install_changed 0644 root "$stage/unit" "$UNIT" && changed=1
 systemctl daemon-reload
 systemctl enable --quiet dstack-vpn-patroni.service
 
@@ -71,21 +63,63 @@ api_up || { journalctl -u dstack-vpn-patroni.service -n 30 --no-pager >&2 || tru
 	say "Patroni's API does not answer on {{ address }}:{{ patroni_port }}" >&2; exit 1; }
 {% if converging %}
 
-# The whole cluster: {{ members }} member(s) running, one of them the leader.
+# A leader that is leaving the cluster (no longer among the members: its settings are not updated
+# any more, so a new member could not copy from it) hands over to a member first, the synchronous
+# standby where there is one.
+hand_over() {
+	local handover old_leader candidate
+	handover=$(members | python3 -I -c '
+import json, sys
+rows = json.load(sys.stdin)
+want = {{ members | tojson }}
+leader = [r["Member"] for r in rows if r.get("Role") == "Leader"]
+ready = [r for r in rows if r["Member"] in want and r.get("State") in ("running", "streaming") and r.get("Role") != "Leader"]
+ready.sort(key=lambda r: r.get("Role") != "Sync Standby")
+if leader and leader[0] not in want and ready:
+    print(leader[0], ready[0]["Member"])' || true)
+	[ -n "$handover" ] || return 0
+	read -r old_leader candidate <<<"$handover"
+	say "the leader $old_leader is leaving the cluster: switching over to $candidate"
+	patronictl -c "$DIR/patroni.yml" switchover {{ scope }} --leader "$old_leader" --candidate "$candidate" \
+		--force >/dev/null || true
+}
+
+# The whole cluster: every member running ({{ members | join(", ") }}), one of them the leader.
+# (A member being removed may still be listed: its steps are undone after this one.)
 converged() {
 	members | python3 -I -c '
 import json, sys
-rows = json.load(sys.stdin)
-leaders = [r for r in rows if r.get("Role") == "Leader" and r.get("State") == "running"]
-running = [r for r in rows if r.get("State") in ("running", "streaming")]
-sys.exit(0 if len(leaders) == 1 and len(running) == {{ members }} else 1)'
+rows = {r["Member"]: r for r in json.load(sys.stdin)}
+want = {{ members | tojson }}
+up = [n for n in want if rows.get(n, {}).get("State") in ("running", "streaming")]
+leaders = [n for n in want if rows.get(n, {}).get("Role") == "Leader" and rows[n].get("State") == "running"]
+sys.exit(0 if len(leaders) == 1 and len(up) == len(want) else 1)'
 }
-for _ in $(seq {{ timeout }}); do converged && break; sleep 1; done
+end=$((SECONDS + {{ timeout }}))
+while [ "$SECONDS" -lt "$end" ]; do
+	converged && break
+	hand_over
+	sleep 1
+done
 if ! converged; then
 	patronictl -c "$DIR/patroni.yml" list >&2 || true
-	say "the cluster did not converge within {{ timeout }} s: {{ members }} members running, one leader" >&2
+	say "the cluster did not converge within {{ timeout }} s: {{ members | join(", ") }} running, one leader" >&2
 	exit 1
 fi
+# etcd members that are no longer in the cluster (a removed droplet: its steps undo nothing) leave
+# the store, or etcd would count them for its quorum
+ETCDCTL_API=3 etcdctl --endpoints=https://{{ address }}:{{ etcd_port }} --cacert="$DIR/ca.crt" \
+	--cert="$DIR/member.crt" --key="$DIR/member.key" --command-timeout=5s member list -w json |
+	python3 -I -c '
+import json, sys
+names = {{ peer_names | tojson }}
+for m in json.load(sys.stdin)["members"]:
+    if not set(m.get("peerURLs", [])) & set(names):
+        print("%x" % m["ID"])' | while read -r gone; do
+	ETCDCTL_API=3 etcdctl --endpoints=https://{{ address }}:{{ etcd_port }} --cacert="$DIR/ca.crt" \
+		--cert="$DIR/member.crt" --key="$DIR/member.key" --command-timeout=5s member remove "$gone" >/dev/null &&
+		say "removed etcd member $gone (no longer a member of the cluster)"
+done
 # users and databases, on the primary (libpq finds it among the members)
 PGPASSFILE="$stage/pgpass" PGSSLMODE=verify-full PGSSLROOTCERT="$DIR/ca.crt" PGCONNECT_TIMEOUT=5 \
 	psql -X -q -v ON_ERROR_STOP=1 \

@@ -29,8 +29,9 @@ PORTS = [5432, 8008, 2379, 2380]
 CONF = "/etc/dstack-vpn-postgres/patroni.yml"
 DATA = "/var/lib/postgresql/15/dstack-vpn"
 # The bound the failover must meet: Patroni's leader key lives ttl = 30 s; the sync standby takes
-# it at its next loop (10 s) at the latest.
-FAILOVER_BOUND = 60
+# it at its next loop (loop_wait 10 s) at the latest, then promotes; measured here 31-47 s (the
+# closing note of issue 15), so 70 s leaves room for a busier machine.
+FAILOVER_BOUND = 70
 REJOIN_BOUND = 180
 
 
@@ -44,6 +45,8 @@ def net():
         network.first_up_seconds = time.monotonic() - t0
         network.command_lines = lines.seen
         network.passwords = network.first_up.outputs["postgresPasswords"]
+        from lab.example import stack_settings
+        network.pg = stack_settings()["postgres"]  # the cluster's setting as the tests change it
         print(f"\n[postgres] up from nothing to a writable cluster: {network.first_up_seconds:.0f} s, "
               f"{len(network.first_up.actions)} actions")
         yield network
@@ -217,14 +220,32 @@ def test_no_password_or_private_key_outside_its_file(net):
 
 
 def test_a_parameter_changes_in_place_on_every_member(net):
-    from lab.example import stack_settings
-
-    pg = dict(stack_settings()["postgres"], parameters={"work_mem": "8MB"})
+    net.pg = pg = dict(net.pg, parameters={"work_mem": "8MB"})
     result = net.up(postgres=pg)
     assert sorted((a.op, a.name) for a in result.actions) == [("update", f"{m}-postgres") for m in MEMBERS]
     for member in MEMBERS:
         assert wait_until(lambda: local_sql(net, member, "SHOW work_mem").stdout.strip() == "8MB", 30), member
     assert net.up(postgres=pg).actions == []
+
+
+def test_a_password_rotation_takes_the_old_one_away(net):
+    before = dict(net.passwords)
+    old = before["app"]
+    net.pg = dict(net.pg, passwordRotation={"app": 1})
+    result = net.up(postgres=net.pg)
+    net.passwords = result.outputs["postgresPasswords"]
+    assert net.passwords["app"] != old and net.passwords["postgres"] == before["postgres"]
+    # a new key, and the step that sets the users' verifiers on the primary; nothing else
+    assert sorted((a.op, a.name) for a in result.actions) == [("replace", "postgres-app-password"),
+                                                              ("update", "node-e-postgres")]
+    assert psql(net, CLIENT, "primary", "SELECT count(*) FROM hello").returncode == 0
+    stale = dict(net.passwords, app=old)
+    kept, net.passwords = net.passwords, stale
+    try:
+        refused = psql(net, CLIENT, "primary", "SELECT 1")
+    finally:
+        net.passwords = kept
+    assert refused.returncode != 0 and "password authentication failed" in refused.stderr, refused.stderr
 
 
 def test_a_switchover_moves_the_primary(net):
@@ -250,7 +271,7 @@ set -u
 read -r pw
 umask 077
 printf '*:*:*:app:%s\n' "$pw" >/run/lab-writer.pgpass
-export PGPASSFILE=/run/lab-writer.pgpass PGCONNECT_TIMEOUT=3
+export PGPASSFILE=/run/lab-writer.pgpass
 : >/run/lab-writer.acked
 i=0
 while [ ! -e /run/lab-writer.stop ]; do
@@ -309,6 +330,48 @@ def test_a_power_cut_fails_over_without_losing_an_acknowledged_write(net):
     old_address = net.nodes()[old]["address"]
     assert wait_until(lambda: psql(net, CLIENT, old_address, f"SELECT count(*) FROM acked WHERE id <= {max(ids)}")
                       .stdout.strip() == str(len(stored & set(range(max(ids) + 1)))), 60)
+
+
+NODE_F = {"name": "node-f", "kind": "ssh", "address": "10.88.0.16", "host": "198.51.100.24", "user": "root"}
+
+
+def etcd_members(net, via) -> list[str]:
+    flags = ("--cacert=/etc/dstack-vpn-etcd/ca.crt --cert=/etc/dstack-vpn-etcd/member.crt "
+             "--key=/etc/dstack-vpn-etcd/member.key")
+    address = net.nodes()[via]["address"]
+    out = ssh(net, via, f"ETCDCTL_API=3 etcdctl --endpoints=https://{address}:2379 {flags} member list -w json")
+    return sorted(m.get("name", "") for m in json.loads(out.stdout)["members"])
+
+
+def test_a_member_is_replaced_by_a_new_one(net):
+    """node-e leaves the cluster and node-f (a new `ssh` spoke) joins it, in one `up`: node-f's etcd
+    joins the running store, its PostgreSQL copies the primary's; node-e stays a spoke."""
+    from lab.example import stack_settings
+
+    net.pg = pg = dict(net.pg, members=["node-a", "node-b", "node-f"])
+    rows = psql(net, CLIENT, "primary", "SELECT count(*) FROM acked").stdout.strip()
+    t0 = time.monotonic()
+    result = net.up(spokes=stack_settings()["spokes"] + [NODE_F], postgres=pg)
+    took = time.monotonic() - t0
+    ops = sorted((a.op, a.name) for a in result.actions if a.op in ("create", "delete", "replace"))
+    assert ("delete", "node-e-postgres") in ops and ("delete", "node-e-etcd") in ops, ops
+    assert ("create", "node-f-etcd") in ops and ("create", "node-f-postgres") in ops, ops
+    assert not [o for o in ops if o[0] == "replace"], ops
+    assert etcd_members(net, "node-a") == ["node-a", "node-b", "node-f"]
+    # node-e's Patroni stopped: its member key lives out its ttl (30 s) in etcd, marked "stopped"
+    assert wait_until(lambda: sorted(cluster(net, "node-f")) == ["node-a", "node-b", "node-f"], 60), \
+        cluster(net, "node-f")
+    view = cluster(net, "node-f")
+    assert all(state in ("running", "streaming") for _, state in view.values()), view
+    address = net.nodes()["node-f"]["address"]
+    assert wait_until(lambda: psql(net, CLIENT, address, "SELECT count(*) FROM acked").stdout.strip() == rows, 60)
+    assert psql(net, CLIENT, "primary", "INSERT INTO hello VALUES (3, 'after node-f joined') "
+                                        "ON CONFLICT DO NOTHING").returncode == 0
+    assert "10.88.0.16:5432" in net.last_outputs()["postgres"]["primary"]["app"]
+    # node-e is a spoke outside the cluster now: its cluster ports closed to everyone, its data kept
+    assert ssh(net, "node-e", "systemctl is-active dstack-vpn-patroni.service dstack-vpn-etcd.service").stdout.split() \
+        == ["inactive", "inactive"]
+    print(f"\n[postgres] node-e replaced by node-f in one up: {took:.0f} s, {len(result.actions)} actions")
 
 
 def test_destroy_leaves_the_data_directories(net):

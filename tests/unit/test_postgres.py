@@ -179,10 +179,17 @@ def test_outputs_reach_the_primary_and_the_replicas_over_tls(run):
     out = run.outputs["postgres"]
     assert "postgres" not in run.secret_outputs and "postgresPasswords" in run.secret_outputs
     hosts = "10.88.0.11:5432,10.88.0.12:5432,10.88.0.15:5432"
-    tls = "sslmode=verify-full&sslrootcert=/usr/local/share/dstack-vpn/postgres-ca.crt"
+    tls = ("sslmode=verify-full&sslrootcert=/usr/local/share/dstack-vpn/postgres-ca.crt&connect_timeout=5"
+           "&tcp_user_timeout=15000&keepalives_idle=10&keepalives_interval=5&keepalives_count=1")
     assert out["primary"] == {"app": f"postgresql://app@{hosts}/app?{tls}&target_session_attrs=read-write"}
     assert out["replicas"] == {"app": f"postgresql://app@{hosts}/app?{tls}&target_session_attrs=prefer-standby"}
     assert out["caCertificate"].startswith("-----BEGIN CERTIFICATE-----")
+    psql = need_tool("psql")  # libpq takes every parameter (a misspelt one is refused before connecting)
+    for uri in (out["primary"]["app"], out["replicas"]["app"]):
+        check = subprocess.run([psql, "-X", "-c", "select 1", uri.replace("10.88.0.11:5432,10.88.0.12:5432,10.88.0.15:5432",
+                                                                            "127.0.0.1:1")],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode != 0 and "invalid" not in check.stderr, check.stderr
     assert out["members"] == {"node-a": "10.88.0.11", "node-b": "10.88.0.12", "node-e": "10.88.0.15"}
     assert set(run.outputs["postgresPasswords"]) == {"postgres", "replicator", "app"}
 
@@ -393,6 +400,8 @@ def test_undo_keeps_the_data_unless_told():
 def test_only_the_last_member_sets_the_cluster_up():
     scripts = {m: dict(_member_scripts(parse(), m))["postgres"] for m in ("node-a", "node-e")}
     assert "setup.sql" in scripts["node-e"] and "target_session_attrs=read-write" in scripts["node-e"]
+    # and hands the lead over where the leader is leaving the cluster
+    assert "switchover dstack-vpn" in scripts["node-e"] and "switchover" not in scripts["node-a"]
     assert "psql" not in scripts["node-a"]
 
 
@@ -520,3 +529,17 @@ def test_a_certificate_is_made_anew_when_its_names_or_issuer_change_and_other_ke
     assert not provider.diff("id", cert, dict(cert)).changes
     assert provider.diff("id", cert, {**cert, "names": ["10.88.0.12", "node-a"]}).replaces == ["names"]
     assert provider.diff("id", cert, {**cert, "issuer_cert": "CA-2"}).replaces == ["issuer_cert"]
+
+
+def test_a_new_member_joins_the_running_store_and_a_leaving_one_leaves_it():
+    scripts = dict(_member_scripts(parse(), "node-b"))
+    etcd = scripts["etcd"]
+    # it asks the other members (never itself) and registers itself only where it is not yet
+    assert "https://10.88.0.11:2379 https://10.88.0.15:2379; do" in etcd and "10.88.0.12:2379;" not in etcd
+    assert "member add node-b --peer-urls=https://10.88.0.12:2380" in etcd
+    assert etcd.index("/member ]; then") < etcd.index("member add")  # only a member that never ran
+    assert "member remove" in scripts["etcd-undo"]
+    converging = dict(_member_scripts(parse(), "node-e"))["postgres"]
+    assert "member remove" in converging and "member remove" not in scripts["postgres"]
+    unit = render.render("systemd/dstack-vpn-etcd.service", **postgres.etcd_values(node(parse(), "node-b")))
+    assert unit.index("etcd.env") < unit.index("EnvironmentFile=-/etc/dstack-vpn-etcd/join.env")
