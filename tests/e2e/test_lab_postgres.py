@@ -235,9 +235,10 @@ def test_a_password_rotation_takes_the_old_one_away(net):
     result = net.up(postgres=net.pg)
     net.passwords = result.outputs["postgresPasswords"]
     assert net.passwords["app"] != old and net.passwords["postgres"] == before["postgres"]
-    # a new key, and the step that sets the users' verifiers on the primary; nothing else
-    assert sorted((a.op, a.name) for a in result.actions) == [("replace", "postgres-app-password"),
-                                                              ("update", "node-e-postgres")]
+    # a new key (replaced: the engine reports the replacement and the old key's deletion), and the
+    # step that sets the users' verifiers on the primary; nothing else
+    assert sorted((a.op, a.name) for a in result.actions) == [
+        ("delete", "postgres-app-password"), ("replace", "postgres-app-password"), ("update", "node-e-postgres")]
     assert psql(net, CLIENT, "primary", "SELECT count(*) FROM hello").returncode == 0
     stale = dict(net.passwords, app=old)
     kept, net.passwords = net.passwords, stale
