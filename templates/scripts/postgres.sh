@@ -121,10 +121,21 @@ for m in json.load(sys.stdin)["members"]:
 		say "removed etcd member $gone (no longer a member of the cluster)"
 done
 # users and databases, on the primary (libpq finds it among the members)
-PGPASSFILE="$stage/pgpass" PGSSLMODE=verify-full PGSSLROOTCERT="$DIR/ca.crt" PGCONNECT_TIMEOUT=5 \
-	psql -X -q -v ON_ERROR_STOP=1 \
-	"host={{ member_addresses | join(",") }} port={{ pg_port }} user=postgres dbname=postgres target_session_attrs=read-write" \
-	-f "$stage/setup.sql" >/dev/null
+export PGPASSFILE="$stage/pgpass" PGSSLMODE=verify-full PGSSLROOTCERT="$DIR/ca.crt" PGCONNECT_TIMEOUT=5
+primary="host={{ member_addresses | join(",") }} port={{ pg_port }} user=postgres dbname=postgres target_session_attrs=read-write"
+psql -X -q -v ON_ERROR_STOP=1 "$primary" -f "$stage/setup.sql" >/dev/null
+# ... and on every member before the step ends: libpq does not try the next host after an
+# authentication failure, so a replica that has not replayed a user's new password yet would
+# turn the `primary` connection string away
+lsn=$(psql -X -qAt "$primary" -c "SELECT pg_current_wal_lsn()")
+for host in {{ member_addresses | join(" ") }}; do
+	end=$((SECONDS + 60))
+	until [ "$(psql -X -qAt "host=$host port={{ pg_port }} user=postgres dbname=postgres" \
+		-c "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= '$lsn'" 2>/dev/null)" = t ]; do
+		[ "$SECONDS" -lt "$end" ] || { say "member $host has not replayed the users' settings within 60 s" >&2; exit 1; }
+		sleep 1
+	done
+done
 # parameters that only take effect after a restart: one member at a time
 if members | python3 -I -c 'import json, sys; sys.exit(0 if any(r.get("Pending restart") for r in json.load(sys.stdin)) else 1)'; then
 	say "restarting members with pending parameters, one at a time"
