@@ -27,3 +27,4 @@ bench: deps
 	.venv/bin/python benchmarks/lab_changes.py
 	.venv/bin/python benchmarks/lab_throughput.py
 	.venv/bin/python benchmarks/lab_postgres.py
+	.venv/bin/python benchmarks/lab_backup.py

@@ -73,7 +73,7 @@ KIND_HINTS = {
 SPOKE_KEYS = set().union(*KIND_KEYS.values())
 PHALA_KEYS = {"name", "instanceType", "region", "diskSize", "osImage"}
 NODE_SECRET_KEYS = {"sshPrivateKey", "wireguardPrivateKey"}
-SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey"}
+SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey", "backupAccessKeyId", "backupSecretAccessKey"}
 # How a spoke reaches the hub (spokes[].transport): WireGuard's UDP, UDP carried over a TCP
 # connection to the hub's tcpPort, or UDP first and TCP when UDP gets no answer.
 TRANSPORTS = ("udp", "tcp", "auto")
@@ -433,7 +433,12 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     hub = HubConfig(region=hub_region, size=hub_size, image=hub_image, address=str(hub_address),
                     wireguard_private_key=pinned(HUB_NAME))
     from . import pgconfig
-    postgres = pgconfig.parse(_decode("postgres", raw.get("postgres"), None), {s.name: s for s in spokes})
+    postgres = pgconfig.parse(_decode("postgres", raw.get("postgres"), None), {s.name: s for s in spokes},
+                              {k: raw.get(k) for k in (pgconfig.ACCESS_KEY_ID, pgconfig.SECRET_ACCESS_KEY)})
+    if postgres is None:
+        for key in (pgconfig.ACCESS_KEY_ID, pgconfig.SECRET_ACCESS_KEY):
+            if raw.get(key) is not None:
+                raise ConfigError(f"{key}: set, but there is no postgres.backup to use it; remove it")
     return NetworkConfig(
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),

@@ -162,12 +162,16 @@ def tls_ca(comment: str, key=None, serial: int | None = None, now: datetime.date
 def tls_cert(comment: str, names: list[str], issuer_key: str, issuer_cert: str, key=None, serial: int | None = None,
              now: datetime.datetime | None = None) -> dict[str, str]:
     """A certificate for a server that is also a client (PostgreSQL, Patroni's API, etcd's peers):
-    CN = comment, each of `names` as an IP address or DNS name, signed by the issuer."""
+    CN = comment, each of `names` as an IP address or DNS name ("dns:" first: a DNS name whatever
+    it looks like), signed by the issuer."""
     ca_key = serialization.load_pem_private_key(issuer_key.encode(), password=None)
     ca_cert = x509.load_pem_x509_certificate(issuer_cert.encode())
     key = key or ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for n in names:
+        if n.startswith("dns:"):
+            sans.append(x509.DNSName(n[len("dns:"):]))
+            continue
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:

@@ -11,7 +11,8 @@ from .config import HUB_NAME, NetworkConfig
 from .hub import Hub
 from .keys import Key, NodeKey, ssh_public_key
 from .nodes.dstack import DstackSpoke
-from .roles import postgres
+from . import spaces
+from .roles import backup, postgres
 from .spoke import Spoke
 
 
@@ -54,9 +55,12 @@ class Network(pulumi.ComponentResource):
             for s in config.spokes
         ]
 
-        # Secrets the roles need (made once, kept in the stack): the PostgreSQL cluster's.
+        # Secrets the roles need (made once, kept in the stack): the PostgreSQL cluster's, its backups'.
         self.postgres_secrets = postgres.make_secrets(config, self)
-        role_secrets = {"postgres": self.postgres_secrets} if self.postgres_secrets else {}
+        backups = config.postgres.backup if config.postgres else None
+        spaces_bucket = spaces.bucket(backups.repository, self) if backups and backups.repository.type == "spaces" else None
+        self.backup_secrets = backup.make_secrets(config, self.postgres_secrets, self, spaces_bucket)
+        role_secrets = {k: v for k, v in (("postgres", self.postgres_secrets), ("backup", self.backup_secrets)) if v}
 
         steps: dict = {}
         self.hub = Hub(HUB_NAME, {

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import cvm
+from . import cvm, objectstore
 from .cloud import Cloud
 from .engine import Result
 from .hosts import Host, Lab
@@ -100,7 +100,25 @@ class LabNetwork:
             if spoke.get("kind") == "dstack":
                 spoke.setdefault("containerImage", self.apps.image())
         settings["spokes"] = spokes
+        self._object_store(settings)
         return settings
+
+    def _object_store(self, settings: dict) -> None:
+        """Backups to the lab's S3 endpoint: it runs, the bucket exists, and the settings carry its
+        CA certificate and an access key, as a user's would."""
+        postgres = settings.get("postgres")
+        repo = ((postgres or {}).get("backup") or {}).get("repository") or {}
+        if repo.get("endpoint") != objectstore.ENDPOINT:
+            return
+        store = objectstore.ObjectStore(self.lab)
+        store.start()
+        store.create_bucket(repo["bucket"])
+        backup = dict(postgres["backup"], repository=dict(repo))
+        backup["repository"].setdefault("caCertificate", store.ca_certificate)
+        settings["postgres"] = dict(postgres, backup=backup)
+        key_id, secret = store.credentials()
+        settings.setdefault("backupAccessKeyId", key_id)
+        settings.setdefault("backupSecretAccessKey", secret)
 
     # -- the three commands -----------------------------------------------------
     def up(self, **overrides: Any) -> Result:

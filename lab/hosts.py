@@ -40,6 +40,7 @@ from pathlib import Path
 from . import cvm, packages
 from .disk import Disk
 from .machine import Machine, _cgroup_roots, _write_json
+from .objectstore import ObjectStore
 from .packages import remove_tree, run
 from .ssh import ssh_argv
 from .underlay import UNDERLAY, HostilePaths, HostNetwork, Underlay
@@ -273,6 +274,10 @@ class Lab(Underlay, HostilePaths):
                 cvm.Engine(self).close()
             except Exception as e:
                 errors.append(f"container engine: {e}")
+            try:
+                ObjectStore(self).stop()
+            except Exception as e:
+                errors.append(f"object store: {e}")
             for host in hosts:  # all guests shut down in parallel
                 host._request_poweroff()
             for host in hosts:

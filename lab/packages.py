@@ -41,6 +41,7 @@ MACHINE_PACKAGES = (
     "debootstrap", "debian-archive-keyring", "systemd-container", "dpkg-dev",
     "socat", "wireguard-tools", "nftables", "openssh-client", "iproute2",
     "iputils-ping",  # probes from the operator namespace
+    "stunnel4",  # TLS of the lab's S3 endpoint (lab/objectstore.py)
 )
 # What a fresh droplet already has (cloud-init aside: the program tolerates
 # its absence). No wireguard-tools, wireguard-go or nftables here.

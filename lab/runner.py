@@ -18,7 +18,7 @@ from . import sdk
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "dstack-vpn"
-SECRET_KEYS = ("sshPrivateKey", "nodeSecrets", "phalaApiKey")
+SECRET_KEYS = ("sshPrivateKey", "nodeSecrets", "phalaApiKey", "backupAccessKeyId", "backupSecretAccessKey")
 
 
 def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], stack: str,

@@ -116,7 +116,8 @@ class Underlay:
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
     def _used_addresses(self) -> set[str]:
-        used = {OPERATOR_ADDRESS, ROUTER_ADDRESS}
+        from .objectstore import OBJECT_STORE_ADDRESS
+        used = {OPERATOR_ADDRESS, ROUTER_ADDRESS, OBJECT_STORE_ADDRESS}
         for host in self.hosts.values():
             used |= {host.address, *host.extra_addresses}
         return used

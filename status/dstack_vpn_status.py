@@ -70,7 +70,7 @@ import stat  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone
-from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
 ENV_PREFIX = "DSTACK_VPN_STATUS_"
 
@@ -604,6 +604,34 @@ def handshake_age(peer: Peer, now: float) -> Optional[int]:
     return max(0, int(now - peer.latest_handshake))  # clocks may disagree a little
 
 
+def backup_status(path: str, now: float) -> Dict[str, Any]:
+    """The backups as this member's status timer last saw them (the file it writes every minute;
+    no secret in it): the newest backup's age, how far this member's WAL is past the newest
+    archived segment, and how old that reading is."""
+    out: Dict[str, Any] = {"last_backup_type": None, "last_backup_age_sec": None, "archive_lag_bytes": None,
+                           "archive_max_wal": None, "checked_age_sec": None, "error": None}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        last = raw.get("last_backup") or {}
+        if isinstance(last.get("stop"), (int, float)):
+            out["last_backup_type"] = last.get("type") if isinstance(last.get("type"), str) else None
+            out["last_backup_age_sec"] = max(0, int(now - last["stop"]))
+        lag = raw.get("archive_lag_bytes")
+        out["archive_lag_bytes"] = lag if isinstance(lag, int) and not isinstance(lag, bool) else None
+        wal = raw.get("archive_max_wal")
+        out["archive_max_wal"] = wal if isinstance(wal, str) and len(wal) == 24 else None
+        if isinstance(raw.get("checked"), (int, float)):
+            out["checked_age_sec"] = max(0, int(now - raw["checked"]))
+        error = raw.get("error")
+        out["error"] = error[:300] if isinstance(error, str) else None
+    except FileNotFoundError:
+        out["error"] = "no reading yet"
+    except (OSError, ValueError, AttributeError):
+        out["error"] = "unreadable reading"
+    return out
+
+
 def status_document(opts: argparse.Namespace, iface: Interface, now: float,
                     disk_bytes: Optional[int], postgres: Optional[dict]) -> dict:
     ages = [handshake_age(p, now) for p in iface.peers]
@@ -628,6 +656,8 @@ def status_document(opts: argparse.Namespace, iface: Interface, now: float,
     }
     if postgres is not None:
         doc["postgres"] = postgres
+    if getattr(opts, "backup_status", ""):
+        doc["backup"] = backup_status(opts.backup_status, now)
     doc["time"] = rfc3339(now)
     return doc
 
@@ -687,6 +717,20 @@ def metrics_text(opts: argparse.Namespace, iface: Interface, now: float,
     if disk_bytes is not None:
         family("dstack_vpn_disk_free_bytes", "gauge", "Bytes free for unprivileged use on /.")
         out.append('dstack_vpn_disk_free_bytes{path="/"} %d' % disk_bytes)
+    backup = doc.get("backup")
+    if backup is not None:
+        family("dstack_vpn_backup_last_age_seconds", "gauge",
+               "Seconds since the newest backup in the repository finished; +Inf if there is none.")
+        age = backup["last_backup_age_sec"]
+        out.append("dstack_vpn_backup_last_age_seconds %s" % ("+Inf" if age is None else age))
+        family("dstack_vpn_backup_archive_lag_bytes", "gauge",
+               "Bytes of this member's WAL past the newest segment in the repository's archive.")
+        lag = backup["archive_lag_bytes"]
+        out.append("dstack_vpn_backup_archive_lag_bytes %s" % ("NaN" if lag is None else lag))
+        family("dstack_vpn_backup_reading_age_seconds", "gauge",
+               "Seconds since the backup figures were read from the repository; +Inf if never.")
+        checked = backup["checked_age_sec"]
+        out.append("dstack_vpn_backup_reading_age_seconds %s" % ("+Inf" if checked is None else checked))
     return "\n".join(out) + "\n"
 
 
@@ -1406,6 +1450,8 @@ def parse_args(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str
     option("patroni-url", str, "",
            "Patroni's REST API on this node (https://ADDRESS:8008): the postgres field from Patroni")
     option("patroni-ca", str, "", "the CA certificate that signed Patroni's (with an https --patroni-url)")
+    option("backup-status", str, "",
+           "the file the backup status timer writes (a PostgreSQL member with backups): the backup field")
     option("log-requests", _flag, "false", "log one line per request to stderr",
            nargs="?", const=True, metavar="BOOL")
     parser.add_argument("--dump-helper", action="store_true",

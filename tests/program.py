@@ -157,6 +157,12 @@ class Mocks(pulumi.runtime.Mocks):
         elif args.typ == "digitalocean:index/sshKey:SshKey":
             outs.update(fingerprint=f"fp-{n}")
             return str(500 + n), outs
+        elif args.typ == "digitalocean:index/spacesKey:SpacesKey":  # the secret half: only when made
+            outs.update(access_key=f"DO00MOCK{n:012d}", secret_key=f"mock-spaces-secret-{zlib.crc32(args.name.encode())}")
+            with self.lock:
+                self.made_secrets.append(outs["secret_key"])
+        elif args.typ == "digitalocean:index/spacesBucket:SpacesBucket":
+            outs.update(endpoint=f"{args.inputs.get('region')}.digitaloceanspaces.com")
         elif args.typ.startswith("command:remote:Command"):
             outs.update(stdout="", stderr="")
         return f"{args.name}-id", outs

@@ -105,8 +105,8 @@ def hub_roles() -> list[Role]:
 
 
 def spoke_roles() -> list[Role]:
-    from . import firewall, postgres, status, transport, wireguard
-    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE, postgres.ROLE]
+    from . import backup, firewall, postgres, status, transport, wireguard
+    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE, postgres.ROLE, backup.ROLE]
 
 
 def all_roles() -> list[Role]:

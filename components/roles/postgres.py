@@ -45,12 +45,20 @@ NO_MAIN_CLUSTER = "/etc/postgresql-common/createcluster.d/dstack-vpn.conf"
 # primary. 5 s to connect to each host; an unanswered write or an idle connection fails in 15 s.
 DEAD_HOST = ("connect_timeout=5&tcp_user_timeout=15000&keepalives_idle=10&keepalives_interval=5"
              "&keepalives_count=1")
-# How long the last member's step waits for the cluster to have a leader and every member running.
+# How long the last member's step waits for the cluster to have a leader and every member running;
+# after a restore, which copies the backups and replays the archived WAL first, longer.
 CONVERGE_TIMEOUT = 300
+RESTORE_TIMEOUT = 3600
 
 
-def data_dir(version: int) -> str:
-    return f"/var/lib/postgresql/{version}/dstack-vpn"
+def scope(p: PostgresConfig) -> str:
+    """Patroni's name for the cluster; a restore (postgres.restore) makes a new cluster with a name,
+    and data directories, of its own: the old ones are left as they were."""
+    return SCOPE if p.restore is None else f"{SCOPE}-r{p.restore.generation}"
+
+
+def data_dir(p: PostgresConfig) -> str:
+    return f"/var/lib/postgresql/{p.version}/{scope(p)}"
 
 
 def pg(node: Node) -> Optional[PostgresConfig]:
@@ -141,11 +149,12 @@ def pg_hba(cfg: NetworkConfig) -> list[str]:
 
 
 def patroni_config(cfg: NetworkConfig, name: str, address: str, passwords: dict[str, str]) -> str:
+    from . import backup
     p = cfg.postgres
     return render.render(
-        "postgres/patroni.yml", scope=SCOPE, name=name, address=address, conf_dir=CONF_DIR,
+        "postgres/patroni.yml", scope=scope(p), name=name, address=address, conf_dir=CONF_DIR,
         etcd_hosts=[f"{a}:{ETCD_CLIENT_PORT}" for a in addresses(cfg, p.members)],
-        data_dir=data_dir(p.version), bin_dir=f"/usr/lib/postgresql/{p.version}/bin",
+        archive=backup.patroni_values(p), data_dir=data_dir(p), bin_dir=f"/usr/lib/postgresql/{p.version}/bin",
         pg_port=PG_PORT, patroni_port=PATRONI_PORT, synchronous=p.synchronous, pg_hba=pg_hba(cfg),
         parameters=dict(p.parameters), superuser=SUPERUSER, replicator=REPLICATOR,
         superuser_password=passwords[SUPERUSER], replicator_password=passwords[REPLICATOR])
@@ -187,11 +196,15 @@ def etcd_values(node: Node) -> dict:
 def member_values(node: Node) -> dict:
     """The postgres step's values."""
     p = pg(node)
-    return dict(conf_dir=CONF_DIR, data_dir=data_dir(p.version), ca_path=CA_PATH, address=node.address,
+    values = dict(conf_dir=CONF_DIR, data_dir=data_dir(p), ca_path=CA_PATH, address=node.address,
                 name=node.name, version=p.version, keep_data=p.keep_data, pg_port=PG_PORT,
-                patroni_port=PATRONI_PORT, etcd_port=ETCD_CLIENT_PORT, scope=SCOPE, members=list(p.members),
+                patroni_port=PATRONI_PORT, etcd_port=ETCD_CLIENT_PORT, scope=scope(p), members=list(p.members),
                 converging=node.name == converging_member(node.cfg), member_addresses=addresses(node.cfg, p.members),
-                timeout=CONVERGE_TIMEOUT, interface=node.cfg.interface, peer_names=peer_names(node.cfg))
+                timeout=CONVERGE_TIMEOUT if p.restore is None else RESTORE_TIMEOUT, interface=node.cfg.interface,
+                peer_names=peer_names(node.cfg))
+    if p.restore is not None:  # (absent otherwise: a cluster deployed before restores existed sees no change)
+        values["restore_generation"] = p.restore.generation
+    return values
 
 
 class Postgres(Role):
@@ -240,7 +253,7 @@ class Postgres(Role):
                 "patroni.yml": patroni_config(cfg, node.name, node.address, v[3]),
                 **({"setup.sql": setup_sql(cfg, v[3]), "pgpass": pgpass(cfg, v[3])}
                    if values["converging"] else {})}))
-        after: tuple[str, ...] = ("etcd",)
+        after: tuple[str, ...] = ("etcd",) + (("pgbackrest",) if pg(node).backup else ())
         if values["converging"]:  # every other member's Patroni first
             after += tuple(f"{m}/postgres" for m in pg(node).members if m != node.name)
         return [Step("etcd", etcd_values(node), pulumi.Output.secret(etcd_files), secret=True, after=("firewall", "wireguard")),

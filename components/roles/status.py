@@ -16,11 +16,11 @@ STATUS_DIR = "/usr/local/lib/dstack-vpn"
 def values(node: Node) -> dict:
     """The status service's settings (it listens on every address; the firewall decides); on a
     PostgreSQL member, where Patroni's API is."""
-    from . import postgres
+    from . import backup, postgres
     cfg = node.cfg
     return dict(install_dir=STATUS_DIR, node_name=node.name, overlay_ip=node.address, interface=cfg.interface,
                 listen_address="0.0.0.0", listen_port=cfg.status_port, hub_public_key=node.hub_public_key,
-                **postgres.status_values(node))
+                **postgres.status_values(node), **backup.status_values(node))
 
 
 class Status(Role):

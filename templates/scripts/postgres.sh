@@ -4,6 +4,14 @@
 # member's certificate and key, the cluster's CA{% if converging %}; and, on this member, which sets
 # the cluster up, the users' SCRAM verifiers (setup.sql) and the superuser's pgpass{% endif %}.
 DIR={{ conf_dir }}
+# A restore is for good: a member that runs a restored cluster never goes back to an older one
+# (its data is older than what the applications wrote since) because a setting was removed.
+installed_scope=$(sed -n 's/^scope: //p' {{ conf_dir | shquote }}/patroni.yml 2>/dev/null || true)
+case $installed_scope in dstack-vpn-r*) installed_generation=${installed_scope##*-r} ;; *) installed_generation=0 ;; esac
+if [ "$installed_generation" -gt {{ restore_generation | default(0) }} ] 2>/dev/null; then
+	say "this member runs the restored cluster $installed_scope: postgres.restore.generation must stay $installed_generation or more (was the restore setting removed or lowered? put it back)" >&2
+	exit 1
+fi
 UNIT=/etc/systemd/system/dstack-vpn-patroni.service
 have_systemd || { say "Patroni runs as a systemd service; this host has no systemd" >&2; exit 1; }
 [ -x /usr/lib/postgresql/{{ version }}/bin/postgres ] ||
@@ -13,6 +21,8 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 receive_bundle "$stage"
 install -d -m 0700 -o postgres -g postgres "$DIR"
+# the cluster this member ran until now: another one after a restore (postgres.restore)
+old_scope=$(sed -n 's/^scope: //p' "$DIR/patroni.yml" 2>/dev/null || true)
 changed=
 for f in ca.crt member.crt member.key patroni.yml; do
 	install_changed 0600 postgres "$stage/$f" "$DIR/$f" && changed=1
@@ -35,7 +45,14 @@ for _ in $(seq {{ timeout }}); do etcd_health && break; sleep 1; done
 etcd_health || { journalctl -u dstack-vpn-etcd.service -n 20 --no-pager >&2 || true
 	say "etcd on {{ address }} is not healthy (are the other members' etcd up?)" >&2; exit 1; }
 
-if ! systemctl is-active --quiet dstack-vpn-patroni.service; then
+if [ -n "$old_scope" ] && [ "$old_scope" != {{ scope | shquote }} ]; then
+	# a restore: the old cluster's PostgreSQL stops here (its data directory stays as it is); the
+	# new cluster, {{ scope }}, is made from the repository by whichever member starts first, once
+	# every member of the old one has stopped (restore.sh)
+	say "leaving cluster $old_scope for {{ scope }} (postgres.restore); $old_scope's data stays where it was"
+	systemctl stop dstack-vpn-patroni.service
+	systemctl start dstack-vpn-patroni.service
+elif ! systemctl is-active --quiet dstack-vpn-patroni.service; then
 	systemctl start dstack-vpn-patroni.service
 elif [ -n "$changed" ]; then
 	# Patroni reads its settings again and applies the parameters; those that need a restart wait
@@ -84,28 +101,36 @@ if leader and leader[0] not in want and ready:
 		--force >/dev/null || true
 }
 
-# The whole cluster: every member running ({{ members | join(", ") }}), one of them the leader.
-# (A member being removed may still be listed: its steps are undone after this one.)
+# The cluster: one of the members the leader (LEADER=1), or every member running too
+# ({{ members | join(", ") }}). A member being removed may still be listed: its steps are undone
+# after this one.
 converged() {
-	members | python3 -I -c '
-import json, sys
+	members | LEADER=${1:-} python3 -I -c '
+import json, os, sys
 rows = {r["Member"]: r for r in json.load(sys.stdin)}
 want = {{ members | tojson }}
 up = [n for n in want if rows.get(n, {}).get("State") in ("running", "streaming")]
 leaders = [n for n in want if rows.get(n, {}).get("Role") == "Leader" and rows[n].get("State") == "running"]
-sys.exit(0 if len(leaders) == 1 and len(up) == len(want) else 1)'
+sys.exit(0 if len(leaders) == 1 and (os.environ["LEADER"] or len(up) == len(want)) else 1)'
 }
 end=$((SECONDS + {{ timeout }}))
-while [ "$SECONDS" -lt "$end" ]; do
-	converged && break
-	hand_over
-	sleep 1
-done
-if ! converged; then
+wait_for() { # wait_for [leader]: until converged, or fail
+	while [ "$SECONDS" -lt "$end" ]; do
+		converged "${1:-}" && return 0
+		hand_over
+		sleep 1
+	done
 	patronictl -c "$DIR/patroni.yml" list >&2 || true
-	say "the cluster did not converge within {{ timeout }} s: {{ members | join(", ") }} running, one leader" >&2
+	say "the cluster did not converge within {{ timeout }} s: ${1:+a leader among }{{ members | join(", ") }}${1:-" running, one leader"}" >&2
 	exit 1
-fi
+}
+# users and databases, on the primary (libpq finds it among the members) as soon as there is
+# one: a member made from an older copy (a restore) needs the replication user's password now
+wait_for leader
+export PGPASSFILE="$stage/pgpass" PGSSLMODE=verify-full PGSSLROOTCERT="$DIR/ca.crt" PGCONNECT_TIMEOUT=5
+primary="host={{ member_addresses | join(",") }} port={{ pg_port }} user=postgres dbname=postgres target_session_attrs=read-write"
+psql -X -q -v ON_ERROR_STOP=1 "$primary" -f "$stage/setup.sql" >/dev/null
+wait_for
 # etcd members that are no longer in the cluster (a removed droplet: its steps undo nothing) leave
 # the store, or etcd would count them for its quorum
 ETCDCTL_API=3 etcdctl --endpoints=https://{{ address }}:{{ etcd_port }} --cacert="$DIR/ca.crt" \
@@ -120,11 +145,7 @@ for m in json.load(sys.stdin)["members"]:
 		--cert="$DIR/member.crt" --key="$DIR/member.key" --command-timeout=5s member remove "$gone" >/dev/null &&
 		say "removed etcd member $gone (no longer a member of the cluster)"
 done
-# users and databases, on the primary (libpq finds it among the members)
-export PGPASSFILE="$stage/pgpass" PGSSLMODE=verify-full PGSSLROOTCERT="$DIR/ca.crt" PGCONNECT_TIMEOUT=5
-primary="host={{ member_addresses | join(",") }} port={{ pg_port }} user=postgres dbname=postgres target_session_attrs=read-write"
-psql -X -q -v ON_ERROR_STOP=1 "$primary" -f "$stage/setup.sql" >/dev/null
-# ... and on every member before the step ends: libpq does not try the next host after an
+# the users' settings on every member before the step ends: libpq does not try the next host after an
 # authentication failure, so a replica that has not replayed a user's new password yet would
 # turn the `primary` connection string away
 lsn=$(psql -X -qAt "$primary" -c "SELECT pg_current_wal_lsn()")

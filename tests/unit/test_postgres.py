@@ -286,7 +286,7 @@ def test_patroni_config_passes_patronis_own_validation(tmp_path):
         (tmp_path / name).write_text("x")
     text = text.replace(postgres.CONF_DIR, str(tmp_path))
     data = tmp_path / "data"
-    text = text.replace(postgres.data_dir(15), str(data))
+    text = text.replace(postgres.data_dir(cfg.postgres), str(data))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for binary in ("pg_ctl", "initdb", "pg_controldata", "pg_basebackup", "postgres", "pg_isready", "pg_rewind"):
@@ -513,11 +513,14 @@ def test_the_page_without_patroni_still_runs_without_ssl(tmp_path):
 @pytest.mark.parametrize("stack", ["Pulumi.dev.yaml", "lab/Pulumi.lab.yaml"])
 def test_the_example_stacks_have_a_three_member_cluster(stack):
     settings = program.stack_config(program.ROOT / stack, sshPrivateKey=SSH_KEY)
+    if stack.startswith("lab/"):  # the lab adds its object store's key (lab/example.py)
+        settings.update(backupAccessKeyId="LABKEY0000000000", backupSecretAccessKey="lab-secret-0000000000")
     settings["spokes"] = [dict(s, hostKey=HOST_KEY) if s["kind"] == "ssh" else s for s in settings["spokes"]]
     settings["spokes"] = [dict(s, containerImage=program.SPOKE_IMAGE) if s["kind"] == "dstack" else s
                           for s in settings["spokes"]]
     cfg = config.parse({k: v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()})
     assert len(cfg.postgres.members) == 3 and cfg.postgres.databases
+    assert cfg.postgres.backup.repository.type == ("s3" if stack.startswith("lab/") else "spaces")
 
 
 def test_a_certificate_is_made_anew_when_its_names_or_issuer_change_and_other_keys_are_untouched():

@@ -44,6 +44,8 @@ VARIABLES = {
     # a PostgreSQL member's (elsewhere patroni_url is "" and neither option is passed)
     "patroni_url": "https://10.88.0.11:8008",
     "patroni_ca": "/usr/local/share/dstack-vpn/postgres-ca.crt",
+    # a member with backups (elsewhere "": no option)
+    "backup_status": "/var/lib/dstack-vpn-backup/status.json",
 }
 
 
@@ -134,12 +136,12 @@ def test_exec_start_passes_every_value():
         "--listen-address": "::", "--listen-port": "8123",
         "--hub-public-key": "srhWIN5T+BTQx1LV1XJDrZdCeAA6V0kqz7fUIVkXyUw=",
         "--patroni-url": "https://10.88.0.11:8008", "--patroni-ca": "/usr/local/share/dstack-vpn/postgres-ca.crt",
-        "--wg-dump-socket": DUMP_SOCKET}
+        "--backup-status": "/var/lib/dstack-vpn-backup/status.json", "--wg-dump-socket": DUMP_SOCKET}
 
 
 def test_a_spoke_outside_the_cluster_passes_no_patroni_option():
-    argv = exec_start_argv(parse_unit(render(patroni_url="", patroni_ca="")))
-    assert not [a for a in argv if a.startswith("--patroni")]
+    argv = exec_start_argv(parse_unit(render(patroni_url="", patroni_ca="", backup_status="")))
+    assert not [a for a in argv if a.startswith("--patroni") or a.startswith("--backup")]
     assert argv[-2:] == ["--wg-dump-socket", DUMP_SOCKET]
 
 
