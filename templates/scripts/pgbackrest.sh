@@ -4,14 +4,7 @@
 # member's certificate and key for pgBackRest's TLS and the cluster's CA{% if repository_ca %}, the
 # repository's CA{% endif %}.
 DIR={{ conf_dir }}
-# A restore is for good: a member that runs a restored cluster never goes back to an older one
-# (its data is older than what the applications wrote since) because a setting was removed.
-installed_scope=$(sed -n 's/^scope: //p' {{ conf_dir | shquote }}/patroni.yml 2>/dev/null || true)
-case $installed_scope in dstack-vpn-r*) installed_generation=${installed_scope##*-r} ;; *) installed_generation=0 ;; esac
-if [ "$installed_generation" -gt {{ restore_generation | default(0) }} ] 2>/dev/null; then
-	say "this member runs the restored cluster $installed_scope: postgres.restore.generation must stay $installed_generation or more (was the restore setting removed or lowered? put it back)" >&2
-	exit 1
-fi
+{% include "scripts/_restore_guard.sh" %}
 have_systemd || { say "pgBackRest's timers and server are systemd units; this host has no systemd" >&2; exit 1; }
 command -v pgbackrest >/dev/null || { say "pgbackrest is not installed" >&2; exit 1; }
 stage=$(mktemp -d)
@@ -40,24 +33,12 @@ put 0755 {{ lib_dir }}/restore.sh <<'SCRIPT'
 {% include "backup/restore.sh" %}
 SCRIPT
 U=/etc/systemd/system
-put 0644 $U/dstack-vpn-pgbackrest.service <<'UNIT'
-{% include "systemd/dstack-vpn-pgbackrest.service" %}
+{% for unit in ["dstack-vpn-pgbackrest.service", "dstack-vpn-backup@.service", "dstack-vpn-backup-full.timer",
+                "dstack-vpn-backup-diff.timer", "dstack-vpn-backup-status.service", "dstack-vpn-backup-status.timer"] %}
+put 0644 "$U/{{ unit }}" <<'UNIT'
+{% include "systemd/" ~ unit %}
 UNIT
-put 0644 $U/dstack-vpn-backup@.service <<'UNIT'
-{% include "systemd/dstack-vpn-backup@.service" %}
-UNIT
-put 0644 $U/dstack-vpn-backup-full.timer <<'UNIT'
-{% include "systemd/dstack-vpn-backup-full.timer" %}
-UNIT
-put 0644 $U/dstack-vpn-backup-diff.timer <<'UNIT'
-{% include "systemd/dstack-vpn-backup-diff.timer" %}
-UNIT
-put 0644 $U/dstack-vpn-backup-status.service <<'UNIT'
-{% include "systemd/dstack-vpn-backup-status.service" %}
-UNIT
-put 0644 $U/dstack-vpn-backup-status.timer <<'UNIT'
-{% include "systemd/dstack-vpn-backup-status.timer" %}
-UNIT
+{% endfor %}
 for cal in {{ schedule_full | shquote }} {{ schedule_diff | shquote }}; do
 	systemd-analyze calendar "$cal" >/dev/null 2>&1 ||
 		{ say "postgres.backup.schedule: $cal is not a calendar time systemd reads (man systemd.time)" >&2; exit 1; }

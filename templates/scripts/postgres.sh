@@ -4,14 +4,7 @@
 # member's certificate and key, the cluster's CA{% if converging %}; and, on this member, which sets
 # the cluster up, the users' SCRAM verifiers (setup.sql) and the superuser's pgpass{% endif %}.
 DIR={{ conf_dir }}
-# A restore is for good: a member that runs a restored cluster never goes back to an older one
-# (its data is older than what the applications wrote since) because a setting was removed.
-installed_scope=$(sed -n 's/^scope: //p' {{ conf_dir | shquote }}/patroni.yml 2>/dev/null || true)
-case $installed_scope in dstack-vpn-r*) installed_generation=${installed_scope##*-r} ;; *) installed_generation=0 ;; esac
-if [ "$installed_generation" -gt {{ restore_generation | default(0) }} ] 2>/dev/null; then
-	say "this member runs the restored cluster $installed_scope: postgres.restore.generation must stay $installed_generation or more (was the restore setting removed or lowered? put it back)" >&2
-	exit 1
-fi
+{% include "scripts/_restore_guard.sh" %}
 UNIT=/etc/systemd/system/dstack-vpn-patroni.service
 have_systemd || { say "Patroni runs as a systemd service; this host has no systemd" >&2; exit 1; }
 [ -x /usr/lib/postgresql/{{ version }}/bin/postgres ] ||

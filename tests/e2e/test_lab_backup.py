@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import secrets as random
-import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from conftest import need_tool
 from labnet import lab_network, wait_until
-from test_lab_postgres import CLIENT, MEMBERS, cluster, local_sql, primary, psql, ssh
+from test_lab_postgres import CLIENT, MEMBERS, acked_writes, cluster, local_sql, primary, psql, ssh, start_writer
 
 BUCKET = "dstack-vpn-lab"
 SEGMENT = 16 * 1024 * 1024
@@ -192,25 +191,6 @@ def test_a_point_in_time_restore_brings_back_exactly_the_rows_before_the_target(
     assert net.up(postgres=pg).actions == []
 
 
-WRITER = r"""
-set -u
-read -r pw
-umask 077
-printf '*:*:*:app:%s\n' "$pw" >/run/lab-writer.pgpass
-export PGPASSFILE=/run/lab-writer.pgpass
-: >/run/lab-writer.acked
-i=0
-while [ ! -e /run/lab-writer.stop ]; do
-	i=$((i + 1))
-	echo "$i" >/run/lab-writer.tried
-	# the second command runs after the first one's commit: its WAL position is past the commit
-	if lsn=$(psql -X -qAt "$1" -c "INSERT INTO acked VALUES ($i)" -c "SELECT pg_current_wal_lsn()" 2>/dev/null); then
-		echo "$i $lsn" >>/run/lab-writer.acked
-	fi
-done
-"""
-
-
 def _lsn(text: str) -> int:
     hi, lo = text.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
@@ -220,15 +200,8 @@ def test_every_member_wiped_and_restored_from_the_repository(net):
     """A power cut of all three members, their data directories gone; `up` with a restore to the
     latest archived WAL. Every write acknowledged before the end of the last archived segment
     comes back; what came later is the loss, printed."""
-    assert psql(net, CLIENT, "primary", "CREATE TABLE IF NOT EXISTS acked (id int PRIMARY KEY)").returncode == 0
-    uri = net.last_outputs()["postgres"]["primary"]["app"]
-    ssh(net, CLIENT, "rm -f /run/lab-writer.stop /run/lab-writer.acked")
-    ssh(net, CLIENT, "umask 077; cat >/run/lab-writer.pw", stdin=net.passwords["app"] + "\n")
-    started = ssh(net, CLIENT, f"nohup bash -c {shlex.quote(WRITER)} writer {shlex.quote(uri)} </run/lab-writer.pw "
-                               f">/dev/null 2>&1 & sleep 1; rm -f /run/lab-writer.pw; echo started")
-    assert "started" in started.stdout
-    acked = lambda: len(ssh(net, CLIENT, "cat /run/lab-writer.acked").stdout.splitlines())  # noqa: E731
-    assert wait_until(lambda: acked() > 50, 60), "the writer never got going"
+    start_writer(net)
+    assert wait_until(lambda: len(acked_writes(net)) > 50, 60), "the writer never got going"
     time.sleep(25)  # more than archiveTimeout (10 s): segments reach the repository as the writes go on
     hosts = net.node_hosts()
     for member in MEMBERS:
@@ -236,8 +209,7 @@ def test_every_member_wiped_and_restored_from_the_repository(net):
     time.sleep(2)
     ssh(net, CLIENT, "touch /run/lab-writer.stop")
     time.sleep(6)
-    rows = [line.split() for line in ssh(net, CLIENT, "cat /run/lab-writer.acked").stdout.splitlines()]
-    writes = {int(i): _lsn(lsn) for i, lsn in rows}
+    writes = {i: _lsn(lsn) for i, lsn in acked_writes(net).items()}
     tried = int(ssh(net, CLIENT, "cat /run/lab-writer.tried").stdout.strip())
     # the newest WAL segment in the repository, and where it ends
     segments = sorted(k.rsplit("/", 1)[-1].split("-")[0] for k in net.store.keys(BUCKET)

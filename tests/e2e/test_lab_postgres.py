@@ -277,26 +277,40 @@ export PGPASSFILE=/run/lab-writer.pgpass
 i=0
 while [ ! -e /run/lab-writer.stop ]; do
 	i=$((i + 1))
-	if psql -X -qAt "$1" -c "INSERT INTO acked VALUES ($i)" >/dev/null 2>&1; then
-		echo "$i" >>/run/lab-writer.acked
+	echo "$i" >/run/lab-writer.tried
+	# the second command runs after the first one's commit: its WAL position is past the commit
+	if lsn=$(psql -X -qAt "$1" -c "INSERT INTO acked VALUES ($i)" -c "SELECT pg_current_wal_lsn()" 2>/dev/null); then
+		echo "$i $lsn" >>/run/lab-writer.acked
 	fi
 done
 """
 
 
-def test_a_power_cut_fails_over_without_losing_an_acknowledged_write(net):
+def start_writer(net) -> None:
+    """A writer on the client: one row at a time into `acked` through the `primary` connection
+    string, each acknowledged id (and the primary's WAL position after its commit) appended to
+    /run/lab-writer.acked. The password reaches it on its stdin, through a 0600 file on a tmpfs
+    removed at once."""
     uri = net.last_outputs()["postgres"]["primary"]["app"]
     assert psql(net, CLIENT, "primary", "CREATE TABLE IF NOT EXISTS acked (id int PRIMARY KEY)").returncode == 0
-    old = primary(net)
-    hosts = net.node_hosts()
     ssh(net, CLIENT, "rm -f /run/lab-writer.stop /run/lab-writer.acked")
-    script = shlex.quote(WRITER)
-    # the password goes to the writer on its stdin, through a 0600 file on a tmpfs removed at once
     ssh(net, CLIENT, "umask 077; cat >/run/lab-writer.pw", stdin=net.passwords["app"] + "\n")
-    started = ssh(net, CLIENT, f"nohup bash -c {script} writer {shlex.quote(uri)} </run/lab-writer.pw "
+    started = ssh(net, CLIENT, f"nohup bash -c {shlex.quote(WRITER)} writer {shlex.quote(uri)} </run/lab-writer.pw "
                                f">/dev/null 2>&1 & sleep 1; rm -f /run/lab-writer.pw; echo started")
     assert "started" in started.stdout
-    acked = lambda: len(ssh(net, CLIENT, "cat /run/lab-writer.acked").stdout.split())  # noqa: E731
+
+
+def acked_writes(net) -> dict[int, str]:
+    """The writer's acknowledged ids so far, each with the WAL position after its commit."""
+    rows = (line.split() for line in ssh(net, CLIENT, "cat /run/lab-writer.acked").stdout.splitlines())
+    return {int(r[0]): r[1] for r in rows if len(r) == 2}
+
+
+def test_a_power_cut_fails_over_without_losing_an_acknowledged_write(net):
+    old = primary(net)
+    hosts = net.node_hosts()
+    start_writer(net)
+    acked = lambda: len(acked_writes(net))  # noqa: E731
     assert wait_until(lambda: acked() > 100, 60), "the writer never got going"
     before_cut = acked()
     t0 = time.monotonic()
@@ -310,7 +324,7 @@ def test_a_power_cut_fails_over_without_losing_an_acknowledged_write(net):
     writes_back = time.monotonic() - t0
     ssh(net, CLIENT, "touch /run/lab-writer.stop")
     time.sleep(3)
-    ids = [int(x) for x in ssh(net, CLIENT, "cat /run/lab-writer.acked").stdout.split()]
+    ids = sorted(acked_writes(net))
     stored = {int(x) for x in psql(net, CLIENT, "primary", "SELECT id FROM acked").stdout.split()}
     lost = sorted(set(ids) - stored)
     print(f"\n[postgres] failover: {old} powered off; {new} primary after {elected:.1f} s (bound {FAILOVER_BOUND} s); "
