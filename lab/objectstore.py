@@ -122,16 +122,18 @@ class ObjectStore:
 
     def exec_python(self, code: str, check_store: bool = False) -> subprocess.CompletedProcess:
         """Run Python code with boto3 in the operator's namespace (where the store is reachable):
-        STORE is an S3 client for the endpoint."""
+        STORE is an S3 client for the endpoint. The access key goes in the environment (boto3 reads
+        it there), never in the command's text."""
         key_id, secret = self.credentials()
         prelude = (
             "import boto3, json, sys\n"
             "from botocore.config import Config\n"
             f"STORE = boto3.client('s3', endpoint_url={ENDPOINT!r}, region_name={REGION!r}, "
-            f"aws_access_key_id={key_id!r}, aws_secret_access_key={secret!r}, verify={str(self.dir / 'ca.crt')!r}, "
+            f"verify={str(self.dir / 'ca.crt')!r}, "
             "config=Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 2}, connect_timeout=3))\n"
             + ("STORE.list_buckets()\n" if check_store else ""))
-        return run(["ip", "netns", "exec", self.lab.op_ns, sys.executable, "-c", prelude + code], check=False)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+        return run(["ip", "netns", "exec", self.lab.op_ns, sys.executable, "-c", prelude + code], check=False, env=env)
 
     def create_bucket(self, name: str) -> None:
         """What a user does in their provider's console before naming the bucket."""

@@ -172,13 +172,16 @@ def test_only_members_and_clients_reach_the_cluster_and_only_over_tls(net):
 
 
 def _secrets(net) -> dict[str, str]:
-    """Every password and private key of the cluster (and the WireGuard keys), from the state."""
+    """Every password and private key of the cluster (and the WireGuard keys, the backups' cipher
+    passphrase and the repository's secret key), from the state and the lab's object store."""
+    from lab.objectstore import ObjectStore
     out = {f"password-{u}": p for u, p in net.passwords.items()}
+    out["repository-secret"] = ObjectStore(net.lab).credentials()[1]
     for record in net.engine.state.records.values():
         if record.type != "pulumi-python:dynamic:Resource":
             continue
         name, kind, private = record.urn.split("::")[-1], record.outputs.get("kind"), record.outputs["private_key"]
-        if kind in ("wireguard", "preshared"):
+        if kind in ("wireguard", "preshared", "password"):
             out[name] = private
         elif kind in ("tls-ca", "tls-cert"):
             # the PEM's body lines that carry the private scalar (the last holds the public point)
@@ -190,13 +193,15 @@ def _secrets(net) -> dict[str, str]:
 def test_no_password_or_private_key_outside_its_file(net):
     secrets = _secrets(net)
     assert len([k for k in secrets if k.startswith("password-")]) == 3
+    assert "postgres-backup-cipher" in secrets and [k for k in secrets if k.startswith("node-a-pgbackrest-cert")]
     assert len([k for k in secrets if k.startswith("postgres-ca")]) >= 1
     # the outputs kept in the clear, and the command lines of every process while `up` ran
     public = json.dumps(net.last_outputs())
     assert not [n for n, s in secrets.items() if s in public]
     assert not sorted({n for n, s in secrets.items() for line in net.command_lines if s.encode() in line})
     allowed = {"etc/wireguard/wg0.conf", "etc/dstack-vpn-postgres/patroni.yml", "etc/dstack-vpn-postgres/member.key",
-               "etc/dstack-vpn-etcd/member.key", "var/lib/postgresql/.pgpass-dstack-vpn"}
+               "etc/dstack-vpn-etcd/member.key", "var/lib/postgresql/.pgpass-dstack-vpn",
+               "etc/dstack-vpn-postgres/pgbackrest.conf", "etc/dstack-vpn-postgres/pgbackrest.key"}
     for node in MEMBERS + (CLIENT,):
         host = net.node_hosts()[node]
         found = sorted({(str(p.relative_to(host.upper)), n) for p in host.upper.rglob("*")
