@@ -1,9 +1,11 @@
 """Backups of the lab's PostgreSQL cluster, measured (issue 16's figures), in one run:
 
-- a database of --scale pgbench scale (70: about 1.05 GB on disk), loaded through the primary;
+- a database of --scale pgbench scale (70: about 1.05 GB on disk), loaded through the primary
+  from a replica's host (pgbench comes with the server package);
 - a full backup of it, taken by the timer's service on the member whose turn it is (a replica):
   the seconds, and the database's size divided by them (MB/s), with what the repository holds;
-- WAL archive lag under pgbench's read-write load (4 clients, over the overlay from a client):
+- WAL archive lag under pgbench's read-write load (4 clients, over the overlay from a replica's
+  host):
   bytes of WAL the primary has written past the newest archived segment, sampled every second
   (archiveTimeout 10 s in the lab stack; 16 MB segments);
 - a restore of the whole cluster to the latest archived WAL (postgres.restore, one `up`): its
@@ -62,8 +64,10 @@ def main() -> int:
         uri = out["primary"]["app"]
         pw = passwords["app"] + "\n"
         lead = leader()
+        # pgbench comes with the server package: it runs on a replica's host, through the overlay
+        runner = next(m for m in MEMBERS if m != lead)
         t0 = time.monotonic()
-        init = ssh("node-c", f"read -r PGPASSWORD; export PGPASSWORD; pgbench -i -q -s {args.scale} "
+        init = ssh(runner, f"read -r PGPASSWORD; export PGPASSWORD; pgbench -i -q -s {args.scale} "
                              f"{shlex.quote(uri)}", stdin=pw)
         assert init.returncode == 0, init.stderr[-2000:]
         load_seconds = time.monotonic() - t0
@@ -95,7 +99,7 @@ def main() -> int:
                 time.sleep(1)
         sampler = threading.Thread(target=sample)
         sampler.start()
-        bench = ssh("node-c", f"read -r PGPASSWORD; export PGPASSWORD; pgbench -c 4 -j 2 -T {args.seconds} -n "
+        bench = ssh(runner, f"read -r PGPASSWORD; export PGPASSWORD; pgbench -c 4 -j 2 -T {args.seconds} -n "
                               f"{shlex.quote(uri)}", stdin=pw)
         stop.set()
         sampler.join()

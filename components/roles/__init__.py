@@ -54,7 +54,7 @@ class Node:
     overlay_limits: list[OverlayLimit] = field(default_factory=list)
     """every overlay limit of the node's roles (the spoke firewall drops other spokes there)"""
     secrets: dict[str, Any] = field(default_factory=dict)
-    """secrets the program made for a role, by role name (outputs): postgres.Secrets"""
+    """secrets the program made for a role, by role name (outputs): postgres.Secrets, backup.Secrets"""
 
     @property
     def is_hub(self) -> bool:
