@@ -120,7 +120,7 @@ class ObjectStore:
     def client_ok(self) -> bool:
         return self.exec_python("import sys; sys.exit(0)", check_store=True).returncode == 0
 
-    def exec_python(self, code: str, check_store: bool = False) -> subprocess.CompletedProcess:
+    def exec_python(self, code: str, check_store: bool = False, stdin: str | None = None) -> subprocess.CompletedProcess:
         """Run Python code with boto3 in the operator's namespace (where the store is reachable):
         STORE is an S3 client for the endpoint. The access key goes in the environment (boto3 reads
         it there), never in the command's text."""
@@ -133,7 +133,8 @@ class ObjectStore:
             "config=Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 2}, connect_timeout=3))\n"
             + ("STORE.list_buckets()\n" if check_store else ""))
         env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
-        return run(["ip", "netns", "exec", self.lab.op_ns, sys.executable, "-c", prelude + code], check=False, env=env)
+        return run(["ip", "netns", "exec", self.lab.op_ns, sys.executable, "-c", prelude + code], check=False, env=env,
+                   input=stdin)
 
     def create_bucket(self, name: str) -> None:
         """What a user does in their provider's console before naming the bucket."""
@@ -141,31 +142,28 @@ class ObjectStore:
         if proc.returncode != 0 and "BucketAlreadyOwnedByYou" not in proc.stderr:
             raise RuntimeError(f"bucket {name}: {proc.stderr[-1000:]}")
 
-    def download_all(self, bucket: str, into: Path) -> int:
-        """Every object of the bucket, as stored (encrypted), into a folder; how many."""
-        proc = self.exec_python(
-            "import os\n"
-            f"into = {str(into)!r}\n"
-            "n = 0\n"
-            f"for page in STORE.get_paginator('list_objects_v2').paginate(Bucket={bucket!r}):\n"
-            "    for obj in page.get('Contents', []):\n"
-            "        path = os.path.join(into, obj['Key'].strip('/').replace('/', '__'))\n"
-            f"        STORE.download_file({bucket!r}, obj['Key'], path)\n"
-            "        n += 1\n"
-            "print(n)\n")
+    def _python(self, code: str, stdin: str | None = None) -> str:
+        """exec_python's output; its error raised."""
+        proc = self.exec_python(code, stdin=stdin)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
-        return int(proc.stdout.strip())
+        return proc.stdout
 
     def keys(self, bucket: str) -> list[str]:
-        proc = self.exec_python(
+        return json.loads(self._python(
             "keys = []\n"
             f"for page in STORE.get_paginator('list_objects_v2').paginate(Bucket={bucket!r}):\n"
             "    keys += [o['Key'] for o in page.get('Contents', [])]\n"
-            "print(json.dumps(keys))\n")
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        return json.loads(proc.stdout)
+            "print(json.dumps(keys))\n"))
+
+    def download_all(self, bucket: str, into: Path) -> int:
+        """Every object of the bucket, as stored (encrypted), into a folder; how many."""
+        return int(self._python(
+            "import os\n"
+            "keys = json.load(sys.stdin)\n"  # (thousands of names: more than one argument may hold)
+            "for key in keys:\n"
+            f"    STORE.download_file({bucket!r}, key, os.path.join({str(into)!r}, key.strip('/').replace('/', '__')))\n"
+            "print(len(keys))\n", stdin=json.dumps(self.keys(bucket))))
 
     def stop(self) -> None:
         """Both processes gone (by the PIDs and start times recorded)."""

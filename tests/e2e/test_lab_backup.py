@@ -22,7 +22,8 @@ import pytest
 
 from conftest import need_tool
 from labnet import lab_network, wait_until
-from test_lab_postgres import CLIENT, MEMBERS, acked_writes, cluster, local_sql, primary, psql, ssh, start_writer
+from test_lab_postgres import (CLIENT, MEMBERS, _secrets, acked_writes, cluster, local_sql, primary, psql, ssh,
+                               start_writer)
 
 BUCKET = "dstack-vpn-lab"
 SEGMENT = 16 * 1024 * 1024
@@ -108,22 +109,6 @@ def test_status_pages_and_metrics_say_how_old_the_backup_is(net):
                                    "print(u.urlopen('http://127.0.0.1:8000/metrics', timeout=5).read().decode())\"").stdout
         assert "dstack_vpn_backup_last_age_seconds " in metrics and "dstack_vpn_backup_archive_lag_bytes " in metrics
     assert "backup" not in fetch_status(hosts[CLIENT].netns, nodes[CLIENT]["address"])["body"]
-
-
-def _secrets(net) -> dict[str, str]:
-    """The passwords, the cipher passphrase, the repository's secret key and the private keys."""
-    out = {f"password-{u}": p for u, p in net.passwords.items()}
-    for record in net.engine.state.records.values():
-        if record.type != "pulumi-python:dynamic:Resource":
-            continue
-        name, kind, private = record.urn.split("::")[-1], record.outputs.get("kind"), record.outputs["private_key"]
-        if kind in ("wireguard", "preshared", "password"):
-            out[name] = private
-        elif kind in ("tls-ca", "tls-cert"):
-            for i, line in enumerate(private.strip().splitlines()[1:-2]):
-                out[f"{name}-{i}"] = line
-    out["repository-secret"] = net.store.credentials()[1]
-    return out
 
 
 def test_the_repository_holds_no_plaintext(net):
