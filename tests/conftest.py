@@ -29,3 +29,8 @@ def need_root(what: str) -> None:
         if IN_CI:
             pytest.fail(message + " -- required under CI=true")
         pytest.skip("SKIPPED CHECK: " + message)
+
+
+import reporting  # noqa: E402 -- its hook, registered with this conftest: a report through CPython 3.11's AST race
+
+pytest_runtest_makereport = reporting.pytest_runtest_makereport
