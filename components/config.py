@@ -73,7 +73,8 @@ KIND_HINTS = {
 SPOKE_KEYS = set().union(*KIND_KEYS.values())
 PHALA_KEYS = {"name", "instanceType", "region", "diskSize", "osImage"}
 NODE_SECRET_KEYS = {"sshPrivateKey", "wireguardPrivateKey"}
-SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey", "backupAccessKeyId", "backupSecretAccessKey"}
+SECRET_TOP_LEVEL = {"nodeSecrets", "sshPrivateKey", "phalaApiKey", "backupAccessKeyId", "backupSecretAccessKey",
+                    "monitorSecrets"}
 # How a spoke reaches the hub (spokes[].transport): WireGuard's UDP, UDP carried over a TCP
 # connection to the hub's tcpPort, or UDP first and TCP when UDP gets no answer.
 TRANSPORTS = ("udp", "tcp", "auto")
@@ -157,6 +158,8 @@ class NetworkConfig:
     each interface's from its route to the other end."""
     postgres: Any = None
     """pgconfig.PostgresConfig: the PostgreSQL cluster, or None"""
+    monitor: Any = None
+    """monconfig.MonitorConfig: Prometheus and Alertmanager on a spoke, or None"""
 
     @property
     def prefixlen(self) -> int:
@@ -439,12 +442,15 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
         for key in (pgconfig.ACCESS_KEY_ID, pgconfig.SECRET_ACCESS_KEY):
             if raw.get(key) is not None:
                 raise ConfigError(f"{key}: set, but there is no postgres.backup to use it; remove it")
+    from . import monconfig
+    monitor = monconfig.parse(_decode("monitor", raw.get("monitor"), None), {s.name: s for s in spokes},
+                              _decode(monconfig.SECRETS, raw.get(monconfig.SECRETS), None))
     return NetworkConfig(
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
         ssh_private_key=deploy_key, phala_api_key=None if phala_api_key is None else phala_api_key.strip(),
         digitalocean_ssh_key=do_key, status_cidrs=status_cidrs, tcp_port=tcp_port, mtu=mtu,
-        postgres=postgres)
+        postgres=postgres, monitor=monitor)
 
 
 def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defaults) -> list[SpokeConfig]:

@@ -12,7 +12,7 @@ from .hub import Hub
 from .keys import Key, NodeKey, ssh_public_key
 from .nodes.dstack import DstackSpoke
 from . import spaces
-from .roles import backup, postgres
+from .roles import backup, monitor, postgres
 from .spoke import Spoke
 
 
@@ -60,7 +60,9 @@ class Network(pulumi.ComponentResource):
         backups = config.postgres.backup if config.postgres else None
         spaces_bucket = spaces.bucket(backups.repository, self) if backups and backups.repository.type == "spaces" else None
         self.backup_secrets = backup.make_secrets(config, self.postgres_secrets, self, spaces_bucket)
-        role_secrets = {k: v for k, v in (("postgres", self.postgres_secrets), ("backup", self.backup_secrets)) if v}
+        monitor_keys = monitor.peer_keys(config, {s.name: spoke_keys[s.name].public_key for s in config.spokes})
+        role_secrets = {k: v for k, v in (("postgres", self.postgres_secrets), ("backup", self.backup_secrets),
+                                          ("monitor", monitor_keys)) if v is not None}
 
         steps: dict = {}
         self.hub = Hub(HUB_NAME, {

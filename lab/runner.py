@@ -18,7 +18,8 @@ from . import sdk
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "dstack-vpn"
-SECRET_KEYS = ("sshPrivateKey", "nodeSecrets", "phalaApiKey", "backupAccessKeyId", "backupSecretAccessKey")
+SECRET_KEYS = ("sshPrivateKey", "nodeSecrets", "phalaApiKey", "backupAccessKeyId", "backupSecretAccessKey",
+               "monitorSecrets")
 
 
 def run_program(monitor, mocks: pulumi.runtime.Mocks, config: dict[str, Any], stack: str,

@@ -477,6 +477,15 @@ def disk_free_bytes(path: str = "/") -> Optional[int]:
     return st.f_bavail * st.f_frsize
 
 
+def disk_size_bytes(path: str = "/") -> Optional[int]:
+    # f_blocks less what only root may use: the size an unprivileged writer's free space is of
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_blocks - st.f_bfree + st.f_bavail) * st.f_frsize
+
+
 def postgres_role(proc: str = "/proc") -> Optional[Dict[str, Optional[str]]]:
     """{"role": "primary"|"replica"|None} where a postmaster runs, else None.
 
@@ -685,7 +694,7 @@ def health_problem(opts: argparse.Namespace, iface: Interface, now: float) -> Op
 
 
 def metrics_text(opts: argparse.Namespace, iface: Interface, now: float,
-                 disk_bytes: Optional[int], doc: dict) -> str:
+                 disk_bytes: Optional[int], doc: dict, disk_size: Optional[int] = None) -> str:
     itf = 'interface="%s"' % _label(opts.interface)
     out = []
 
@@ -717,6 +726,9 @@ def metrics_text(opts: argparse.Namespace, iface: Interface, now: float,
     if disk_bytes is not None:
         family("dstack_vpn_disk_free_bytes", "gauge", "Bytes free for unprivileged use on /.")
         out.append('dstack_vpn_disk_free_bytes{path="/"} %d' % disk_bytes)
+    if disk_size is not None:
+        family("dstack_vpn_disk_size_bytes", "gauge", "Bytes of / an unprivileged writer can fill (used and free).")
+        out.append('dstack_vpn_disk_size_bytes{path="/"} %d' % disk_size)
     backup = doc.get("backup")
     if backup is not None:
         family("dstack_vpn_backup_last_age_seconds", "gauge",
@@ -849,7 +861,7 @@ class Monitor:
         return Snapshot(time.monotonic(), {
             "/status": json_response(200, doc),
             "/health": json_response(200 if problem is None else 503, health),
-            "/metrics": make_response(200, metrics_text(opts, iface, now, disk_bytes, doc).encode(),
+            "/metrics": make_response(200, metrics_text(opts, iface, now, disk_bytes, doc, disk_size_bytes()).encode(),
                                       content_type="text/plain; version=0.0.4; charset=utf-8"),
         }, problem)
 

@@ -100,13 +100,13 @@ class Role:
 # A node's roles. The order is that of their packages; their steps are ordered by what each
 # waits for (Step.after).
 def hub_roles() -> list[Role]:
-    from . import firewall, forwarding, transport, wireguard
-    return [wireguard.HUB, firewall.ROLE, forwarding.ROLE, transport.HUB]
+    from . import firewall, forwarding, status, transport, wireguard
+    return [wireguard.HUB, firewall.ROLE, forwarding.ROLE, transport.HUB, status.ROLE]
 
 
 def spoke_roles() -> list[Role]:
-    from . import backup, firewall, postgres, status, transport, wireguard
-    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE, postgres.ROLE, backup.ROLE]
+    from . import backup, firewall, monitor, postgres, status, transport, wireguard
+    return [wireguard.SPOKE, firewall.ROLE, status.ROLE, transport.SPOKE, postgres.ROLE, backup.ROLE, monitor.ROLE]
 
 
 def all_roles() -> list[Role]:

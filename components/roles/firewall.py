@@ -22,7 +22,11 @@ def values(node: Node) -> dict:
     common = dict(admin_v4=sets["admin_v4"], admin_v6=sets["admin_v6"], ssh_port=sets["admin_port"],
                   interface=cfg.interface, block_metadata=node.metadata_service, public=sets["public"])
     if node.is_hub:
-        return dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay, mss_clamps=wireguard.mss_clamps(node))
+        from . import monitor
+        hub = dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay, mss_clamps=wireguard.mss_clamps(node))
+        if monitor.hub_metrics(cfg):  # (absent otherwise: a hub deployed before the monitor sees no change)
+            hub.update(monitor_address=monitor.monitor_address(cfg), status_port=cfg.status_port)
+        return hub
     status = {k: sets[k] for k in ("status_port", "status_v4", "status_v6") if k in sets}
     return dict(common, hub_address=cfg.hub.address, overlay=cfg.overlay, overlay_limits=node.overlay_limits,
                 **status)

@@ -38,6 +38,7 @@ CONF_DIR = "/etc/dstack-vpn-postgres"
 ETCD_DIR = "/etc/dstack-vpn-etcd"
 ETCD_DATA = "/var/lib/etcd/dstack-vpn"
 CA_PATH = "/usr/local/share/dstack-vpn/postgres-ca.crt"
+SOCKET_DIR = "/var/run/postgresql/dstack-vpn"
 # Debian's postgresql-common makes a cluster "main" when a server package is installed: none here.
 NO_MAIN_CLUSTER = "/etc/postgresql-common/createcluster.d/dstack-vpn.conf"
 # A member whose host is gone answers nothing (no reset): without these, libpq would wait for the
@@ -230,9 +231,11 @@ class Postgres(Role):
             return []
         p = pg(node)
         members = addresses(node.cfg, p.members)
+        monitor = node.cfg.monitor  # scrapes Patroni's /metrics
+        watcher = addresses(node.cfg, [monitor.node]) if monitor and monitor.node not in p.members else []
         return [topology.OverlayLimit("tcp", PG_PORT, tuple(members + addresses(node.cfg, p.clients)))] + [
-            topology.OverlayLimit("tcp", port, tuple(members))
-            for port in (PATRONI_PORT, ETCD_CLIENT_PORT, ETCD_PEER_PORT)]
+            topology.OverlayLimit("tcp", PATRONI_PORT, tuple(members + watcher))] + [
+            topology.OverlayLimit("tcp", port, tuple(members)) for port in (ETCD_CLIENT_PORT, ETCD_PEER_PORT)]
 
     def steps(self, node: Node) -> list[Step]:
         if is_client(node):

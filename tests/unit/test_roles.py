@@ -30,7 +30,7 @@ class Extra(Role):
 def test_every_stack_setting_is_the_networks_or_a_roles():
     assert config.top_level_keys() == config.NETWORK_KEYS | {
         "listenPort", "interface", "mtu", "adminCidrs", "statusPort", "statusCidrs", "tcpPort", "postgres",
-        "backupAccessKeyId", "backupSecretAccessKey"}
+        "backupAccessKeyId", "backupSecretAccessKey", "monitor", "monitorSecrets"}
     owners = {}
     for role in all_roles():
         for key in role.config_keys:
@@ -121,7 +121,8 @@ def test_the_roles_cli_lists_the_host_packages(capsys):
     runpy.run_module("components.roles", run_name="__main__")
     assert json.loads(capsys.readouterr().out) == {"hosts": [
         "wireguard-tools", "nftables", "v2ray", "iputils-ping", "postgresql", "postgresql-client", "patroni",
-        "etcd-server", "etcd-client", "pgbackrest", "wireguard-go"]}
+        "etcd-server", "etcd-client", "pgbackrest", "prometheus", "prometheus-alertmanager",
+        "prometheus-postgres-exporter", "wireguard-go"]}
 
 
 SSH_KEY = ssh_key_pair("roles")[0]
