@@ -39,24 +39,29 @@ SECRET_OUTPUTS = ("dstackEnv", "postgresPasswords")
 POSTGRES_ONLY_SPOKES = ("node-e",)
 
 
-def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True) -> dict[str, Any]:
+def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True, monitor: bool = True) -> dict[str, Any]:
     """The lab stack's settings; postgres=False: the network without its PostgreSQL cluster (no
     `postgres` setting, nor the spokes only the cluster needs), as the tests of the network itself
-    and its benchmarks run it."""
+    and its benchmarks run it; monitor=False: without its monitor (as the tests of the network and
+    of the cluster run it; tests/e2e/test_lab_monitor.py runs it)."""
     data = yaml.safe_load(Path(stack_file).read_text())["config"]
     settings = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
     if not postgres:
         settings.pop("postgres", None)
         settings["spokes"] = [s for s in settings.get("spokes", []) if s["name"] not in POSTGRES_ONLY_SPOKES]
+    if not monitor:
+        settings.pop("monitor", None)
     return settings
 
 
 class LabNetwork:
     def __init__(self, lab_dir: str | Path | None = None, name: str = "dvl", stack_file: Path = STACK_FILE,
-                 log=print, postgres: bool = True):
+                 log=print, postgres: bool = True, monitor: bool = False):
         self.lab = Lab(lab_dir, name)
         self.postgres = postgres
         """False: the network without its PostgreSQL cluster (stack_settings)"""
+        self.monitor = monitor
+        """True: with its monitor (stack_settings); the command line runs it, the tests where asked"""
         self.log = log
         self.stack_file = stack_file
         self.cloud = Cloud(self.lab, log=log)
@@ -87,7 +92,7 @@ class LabNetwork:
         return host
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
-        settings = {**stack_settings(self.stack_file, self.postgres), **overrides}
+        settings = {**stack_settings(self.stack_file, self.postgres, self.monitor), **overrides}
         settings.setdefault("sshPrivateKey", self.deploy_key()[0])
         spokes = [dict(s) for s in settings.get("spokes", [])]
         lab_spokes = [s for s in spokes if s.get("kind") == "ssh" and s.get("host", "").startswith("198.51.100.")]

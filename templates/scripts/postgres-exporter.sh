@@ -1,4 +1,5 @@
 {% include "scripts/_lib.sh" %}
+{% include "scripts/_bundle.sh" %}
 # No stdin: the exporter reads the cluster as the local superuser (peer authentication).
 UNIT=/etc/systemd/system/dstack-vpn-postgres-exporter.service
 have_systemd || { say "the exporter runs as a systemd service; this host has no systemd" >&2; exit 1; }
