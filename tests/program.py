@@ -6,6 +6,7 @@ secret markers still on), and answers like the real providers would.
 """
 from __future__ import annotations
 
+import json
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +42,23 @@ class Registration:
 
 def is_secret_marker(value: Any) -> bool:
     return sdk.is_secret(value)
+
+
+def secret_leaks(run: "Run", secrets: dict[str, str]) -> list[tuple]:
+    """Where any of `secrets` (name -> text) shows outside a secret: a plain input of any
+    resource, a command's text (create, update, delete), an output that is not secret."""
+    found: list[tuple] = []
+    for reg in run.registrations:
+        for text in plain_strings(reg.inputs):
+            found += [(reg.name, name) for name, s in secrets.items() if s in text]
+        if reg.type == "command:remote:Command":
+            for what in ("create", "update", "delete"):
+                command = json.dumps(unwrap(reg.inputs.get(what)))
+                found += [(reg.name, what, name) for name, s in secrets.items() if s in command]
+    for output, value in run.outputs.items():
+        if output not in run.secret_outputs:
+            found += [(output, name) for name, s in secrets.items() if s in json.dumps(value)]
+    return found
 
 
 def plain_strings(value: Any):

@@ -188,6 +188,15 @@ def _alert(name, at, *expected):
         {"exp_labels": labels, "exp_annotations": {"summary": summary}} for labels, summary in expected]}
 
 
+def _spoke_down(node):
+    return {"severity": "critical", "job": "status", "node": node}, f"{node} is down: nothing on it answers the monitor"
+
+
+def _service_down(node):
+    return ({"severity": "warning", "job": "status", "node": node},
+            f"{node}: the status service does not answer; the node does")
+
+
 RULE_TESTS = {
     "spoke and status service down": (_series([
         ('up{job="status",node="node-c"}', "0x20"),         # nothing answers: down
@@ -200,17 +209,9 @@ RULE_TESTS = {
         ('dstack_vpn_peer_receive_bytes_total{job="hub",node="node-d"}', "700x20"),
     ]), [
         _alert("DstackVpnSpokeDown", "45s"),                # not yet: for 1m
-        _alert("DstackVpnSpokeDown", "2m",
-               ({"severity": "critical", "job": "status", "node": "node-c"},
-                "node-c is down: nothing on it answers the monitor"),
-               ({"severity": "critical", "job": "status", "node": "node-d"},
-                "node-d is down: nothing on it answers the monitor")),
+        _alert("DstackVpnSpokeDown", "2m", _spoke_down("node-c"), _spoke_down("node-d")),
         _alert("DstackVpnStatusServiceDown", "1m"),         # not yet: for 2m
-        _alert("DstackVpnStatusServiceDown", "3m",
-               ({"severity": "warning", "job": "status", "node": "node-a"},
-                "node-a: the status service does not answer; the node does"),
-               ({"severity": "warning", "job": "status", "node": "node-e"},
-                "node-e: the status service does not answer; the node does")),
+        _alert("DstackVpnStatusServiceDown", "3m", _service_down("node-a"), _service_down("node-e")),
     ]),
     "handshake": (_series([
         ('dstack_vpn_peer_last_handshake_age_seconds{job="status",node="node-b",public_key="h"}', "400+15x20"),
@@ -314,10 +315,8 @@ def test_without_the_hubs_view_the_status_service_alone_is_told_by_the_nodes_oth
     series = _series([('up{job="status",node="node-a"}', "0x20"), ('up{job="patroni",node="node-a"}', "1x20"),
                       ('up{job="status",node="node-e"}', "0x20"),
                       ('dstack_vpn_peer_receive_bytes_total{job="hub",node="node-e"}', "0+500x20")])
-    cases = [_alert("DstackVpnStatusServiceDown", "3m", ({"severity": "warning", "job": "status", "node": "node-a"},
-                                                          "node-a: the status service does not answer; the node does")),
-             _alert("DstackVpnSpokeDown", "3m", ({"severity": "critical", "job": "status", "node": "node-e"},
-                                                  "node-e is down: nothing on it answers the monitor"))]
+    cases = [_alert("DstackVpnStatusServiceDown", "3m", _service_down("node-a")),
+             _alert("DstackVpnSpokeDown", "3m", _spoke_down("node-e"))]
     tests = {"rule_files": ["rules.yml"], "evaluation_interval": "15s",
              "tests": [{"interval": "15s", "input_series": series, "alert_rule_test": cases}]}
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
@@ -377,18 +376,7 @@ def test_no_receiver_credential_in_any_plain_input_output_or_command_text(run):
     # in alertmanager.yml, and in no other file of the bundle
     assert all(s in files["alertmanager.yml"] for s in secrets.values())
     assert [n for n, text in files.items() if n != "alertmanager.yml" and any(s in text for s in secrets.values())] == []
-    found = []
-    for reg in run.registrations:
-        for text in program.plain_strings(reg.inputs):
-            found += [(reg.name, what) for what, s in secrets.items() if s in text]
-        if reg.type == CMD:
-            for field in ("create", "update", "delete"):
-                found += [(reg.name, field, what) for what, s in secrets.items()
-                          if s in json.dumps(program.unwrap(reg.inputs.get(field)))]
-    for name, value in run.outputs.items():
-        if name not in run.secret_outputs:
-            found += [(name, what) for what, s in secrets.items() if s in json.dumps(value)]
-    assert found == []
+    assert program.secret_leaks(run, secrets) == []
 
 
 def test_the_firewalls_let_the_monitor_alone_in(tmp_path):
