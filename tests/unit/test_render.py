@@ -268,3 +268,29 @@ def test_a_file_cut_short_on_the_way_changes_nothing(tmp_path, cut):
         assert out.returncode != 0 and "incomplete" in out.stderr
         assert not dest.exists()
     assert list(tmp_path.iterdir()) == ([dest] if cut is None else [])
+
+
+def test_every_step_script_includes_the_helpers_it_calls():
+    """A helper called but not included fails only on a host (bash: command not found), after
+    the step has begun: each script that calls one includes the file that defines it."""
+    scripts = render.TEMPLATES / "scripts"
+    helpers = {}
+    for lib in sorted(scripts.glob("_*.sh")):
+        for name in re.findall(r"^([a-z_]+)\(\) \{", lib.read_text(), re.M):
+            helpers[name] = f"scripts/{lib.name}"
+    assert {"say", "receive", "install_changed", "receive_bundle", "kernel_wireguard"} <= set(helpers)
+
+    def included(path, seen=()):
+        text = path.read_text()
+        out = {path.name}
+        for name in re.findall(r'{% include "scripts/(_[a-z_]+\.sh)" %}', text):
+            if name not in seen:
+                out |= included(scripts / name, (*seen, name))
+        return out
+
+    missing = []
+    for script in sorted(scripts.glob("[!_]*.sh")):
+        text, have = script.read_text(), included(script)
+        missing += [(script.name, name) for name, lib in helpers.items()
+                    if re.search(rf"(^|[\s;&|(!]){name}(\s|$)", text, re.M) and lib.split("/")[1] not in have]
+    assert missing == []
