@@ -55,7 +55,7 @@ def test_with_an_existing_key_nothing_is_uploaded_and_droplets_name_it():
 def test_by_default_the_key_is_uploaded_and_two_stacks_make_two_keys():
     """The default path: a deploy key made per stack, so two stacks on one account never collide."""
     droplets_only = [{"name": "node-a", "kind": "droplet"}]
-    first, second = (program.run(program.stack_config(spokes=droplets_only, postgres=None)) for _ in range(2))
+    first, second = (program.run(program.stack_config(spokes=droplets_only, postgres=None, monitor=None)) for _ in range(2))
     (a,), (b,) = first.of_type(SSH_KEY_TYPE), second.of_type(SSH_KEY_TYPE)
     assert program.unwrap(a.inputs["publicKey"]).split()[1] != program.unwrap(b.inputs["publicKey"]).split()[1]
 

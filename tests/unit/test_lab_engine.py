@@ -70,8 +70,9 @@ def lab(tmp_path):
 
 
 def settings(**overrides):
-    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it)."""
-    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, **overrides})
+    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it) and its
+    monitor (tests/unit/test_monitor.py)."""
+    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, "monitor": None, **overrides})
 
 
 STEPS = ("install", "forwarding", "firewall", "wireguard", "status")

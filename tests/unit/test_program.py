@@ -14,8 +14,9 @@ DROPLET = "digitalocean:index/droplet:Droplet"
 
 
 def settings(**overrides):
-    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it)."""
-    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, **overrides})
+    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it) and its
+    monitor (tests/unit/test_monitor.py)."""
+    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, "monitor": None, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_pinned_key_is_used_and_no_key_resource_made():
 
 
 def test_deploy_key_made_when_not_configured():
-    run = program.run(program.stack_config(spokes=[{"name": "node-a", "kind": "droplet"}], postgres=None))
+    run = program.run(program.stack_config(spokes=[{"name": "node-a", "kind": "droplet"}], postgres=None, monitor=None))
     key = run.named("dstack-vpn-deploy-key", program.DYNAMIC)
     do_key = program.unwrap(run.named("dstack-vpn-deploy-key", "digitalocean:index/sshKey:SshKey").inputs)
     assert run.outputs["deployPublicKey"] == do_key["publicKey"]
