@@ -39,11 +39,11 @@ SECRET_OUTPUTS = ("dstackEnv", "postgresPasswords")
 POSTGRES_ONLY_SPOKES = ("node-e",)
 
 
-def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True, monitor: bool = True) -> dict[str, Any]:
+def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True, monitor: bool = False) -> dict[str, Any]:
     """The lab stack's settings; postgres=False: the network without its PostgreSQL cluster (no
     `postgres` setting, nor the spokes only the cluster needs), as the tests of the network itself
-    and its benchmarks run it; monitor=False: without its monitor (as the tests of the network and
-    of the cluster run it; tests/e2e/test_lab_monitor.py runs it)."""
+    and its benchmarks run it; monitor=True: with its monitor (the command line and
+    tests/e2e/test_lab_monitor.py run it; the other tests and benchmarks do not)."""
     data = yaml.safe_load(Path(stack_file).read_text())["config"]
     settings = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
     if not postgres:

@@ -59,7 +59,7 @@ def _overrides(net) -> dict:
     credentials are secrets: a webhook whose URL holds a token, and mail through a smarthost that
     is not there."""
     from lab.example import stack_settings
-    stack = stack_settings()
+    stack = stack_settings(monitor=True)
     monitor = dict(stack["monitor"])
     monitor["receivers"] = monitor["receivers"] + [
         {"name": "tokened", "webhook": {}},

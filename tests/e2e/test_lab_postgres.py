@@ -32,7 +32,10 @@ DATA = "/var/lib/postgresql/15/dstack-vpn"
 # it at its next loop (loop_wait 10 s) at the latest, then promotes; measured here 31-47 s (the
 # closing note of issue 15), so 70 s leaves room for a busier machine.
 FAILOVER_BOUND = 70
-REJOIN_BOUND = 180
+# The old primary back as a replica after its power cut (pg_rewind, then replay): within 180 s in
+# every run until one clean-clone CI run took 183 s (2026-12-03, after the monitor's lab module);
+# 300 s, until it is understood (the closing note of issue 17 says so).
+REJOIN_BOUND = 300
 
 
 @pytest.fixture(scope="module")
