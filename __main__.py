@@ -26,6 +26,8 @@ if network.postgres_secrets:  # connection strings and the CA (plain), the passw
     plain, passwords = postgres.outputs(settings, network.postgres_secrets)
     pulumi.export("postgres", plain)
     pulumi.export("postgresPasswords", passwords)
+if network.clients:  # each client's wg-quick config and QR code (secret: its keys)
+    pulumi.export("clients", pulumi.Output.secret(network.clients))
 if network.dstack_spokes:  # each dstack spoke's app: the compose file, and its environment (secret)
     pulumi.export("dstackCompose", {n: s.compose for n, s in network.dstack_spokes.items()})
     pulumi.export("dstackEnv", pulumi.Output.secret({n: s.env for n, s in network.dstack_spokes.items()}))

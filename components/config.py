@@ -26,7 +26,11 @@ DSTACK_WG_PORT = 9182
 DSTACK_INTERFACE = "dstack-wg0"
 
 HUB_NAME = "hub"
-SPOKE_KINDS = ("ssh", "droplet", "dstack")
+SPOKE_KINDS = ("ssh", "droplet", "dstack", "client")
+# The roles whose ports a client (a person's device) may be allowed (spokes[].allow), and what it
+# may reach when its setting says nothing: the status pages, and the monitor's page where there is one.
+CLIENT_TARGET_ROLES = ("status", "monitor", "postgres")
+CLIENT_ALLOW_DEFAULT = ("status", "monitor")
 # First spoke address is .11 (hub .1), as in the spec's example plan.
 FIRST_SPOKE_HOST = 11
 
@@ -64,11 +68,15 @@ KIND_KEYS = {
     "ssh": COMMON_SPOKE_KEYS | {"host", "port", "user", "hostKey", "allowUnknownHostKey"},
     "droplet": COMMON_SPOKE_KEYS | {"region", "size", "image"},
     "dstack": COMMON_SPOKE_KEYS | {"containerImage", "phala"},
+    # a device: dials the hub itself, over UDP, with the config the program outputs
+    "client": {"name", "kind", "address", "presharedKey", "keyRotation", "mtu", "allow"},
 }
 # Why a kind has no such setting: (kind, the kind that has it; "*" any).
 KIND_HINTS = {
     ("droplet", "ssh"): "a droplet's connection is made by the program",
     ("dstack", "*"): "the node runs the rendered app (spokes[].phala holds where Phala Cloud runs it)",
+    ("client", "*"): "a client is a person's device (a laptop, a phone) that the program never logs in to: it "
+                     "imports the config the program outputs (README: Clients)",
 }
 SPOKE_KEYS = set().union(*KIND_KEYS.values())
 PHALA_KEYS = {"name", "instanceType", "region", "diskSize", "osImage"}
@@ -133,6 +141,9 @@ class SpokeConfig:
     """udp, tcp or auto (TRANSPORTS)"""
     mtu: int | None = None
     """The MTU of the spoke's path to the hub; None: the network's (or wg-quick's own reckoning)."""
+    allow: tuple[str, ...] = ()
+    """client: what it may reach: node names (every port of theirs no role keeps to some) and roles
+    (CLIENT_TARGET_ROLES: their ports, wherever they run)"""
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,16 @@ class NetworkConfig:
     @property
     def prefixlen(self) -> int:
         return ipaddress.ip_network(self.overlay).prefixlen
+
+    @property
+    def hosts(self) -> tuple[SpokeConfig, ...]:
+        """The spokes that run roles (ssh, droplet, dstack): every spoke but the clients."""
+        return tuple(s for s in self.spokes if s.kind != "client")
+
+    @property
+    def clients(self) -> tuple[SpokeConfig, ...]:
+        """The spokes that are people's devices (kind client): a config each, no roles."""
+        return tuple(s for s in self.spokes if s.kind == "client")
 
     @property
     def tcp_spokes(self) -> tuple[SpokeConfig, ...]:
@@ -445,6 +466,7 @@ def parse(raw: Mapping[str, str]) -> NetworkConfig:
     from . import monconfig
     monitor = monconfig.parse(_decode("monitor", raw.get("monitor"), None), {s.name: s for s in spokes},
                               _decode(monconfig.SECRETS, raw.get(monconfig.SECRETS), None))
+    spokes = _client_allow(spokes_raw, spokes, postgres, monitor)
     return NetworkConfig(
         overlay=str(overlay), listen_port=listen_port, interface=interface, status_port=status_port,
         admin_cidrs=admin_cidrs, admin_ssh_keys=admin_keys, hub=hub, spokes=tuple(spokes),
@@ -515,6 +537,10 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
             if ssh_key is not None:
                 raise ConfigError(f"nodeSecrets.{name}.sshPrivateKey: a dstack spoke is not reached over SSH")
             values.update(_dstack_spoke(i, item))
+        elif kind == "client":
+            if ssh_key is not None:
+                raise ConfigError(f"nodeSecrets.{name}.sshPrivateKey: a client is a device the program never logs "
+                                  "in to; remove it")
         else:
             for key in ("region", "size", "image"):
                 slug = item.get(key, defaults[key])
@@ -522,6 +548,49 @@ def _spokes(spokes_raw, secrets, overlay, hub_address, deploy_key, pinned, defau
                     raise ConfigError(f"spokes[{i}].{key}: {slug!r} is not a DigitalOcean slug")
                 values[key] = slug
         out.append(SpokeConfig(**values))
+    return out
+
+
+def _client_allow(spokes_raw, spokes: list[SpokeConfig], postgres, monitor) -> list[SpokeConfig]:
+    """Each client's `allow`, checked against the nodes and roles there are (so after postgres and
+    monitor): a node's name (not the hub's, nor another client's) or a role in CLIENT_TARGET_ROLES.
+    Without the setting: CLIENT_ALLOW_DEFAULT (monitor where there is one), plus postgres for a
+    client postgres.clients lists; `postgres` itself only for those."""
+    import dataclasses
+    hosts = {s.name: s for s in spokes if s.kind != "client"}
+    clients = {s.name for s in spokes if s.kind == "client"}
+    out = []
+    for i, (item, spoke) in enumerate(zip(spokes_raw, spokes)):
+        if spoke.kind != "client":
+            out.append(spoke)
+            continue
+        pg_client = postgres is not None and spoke.name in postgres.clients
+        if "allow" not in item:
+            allow = [r for r in CLIENT_ALLOW_DEFAULT if r != "monitor" or monitor is not None]
+        else:
+            allow = _want(f"spokes[{i}].allow", item["allow"], list, "a list of node names and roles")
+        seen: list[str] = []
+        for j, target in enumerate(allow):
+            setting = f"spokes[{i}].allow[{j}]"
+            _want(setting, target, str, "a node's name or a role")
+            if target == HUB_NAME:
+                raise ConfigError(f"{setting}: the hub serves nothing on the overlay; name spokes or roles")
+            if target in clients:
+                raise ConfigError(f"{setting}: {target!r} is a client; clients never reach one another")
+            if target not in hosts and target not in CLIENT_TARGET_ROLES:
+                raise ConfigError(f"{setting}: {target!r} is neither a node nor a role; nodes: "
+                                  f"{', '.join(hosts) or 'none'}; roles: {', '.join(CLIENT_TARGET_ROLES)}")
+            if target == "monitor" and monitor is None:
+                raise ConfigError(f"{setting}: there is no monitor in this stack (the `monitor` setting)")
+            if target == "postgres" and not pg_client:
+                raise ConfigError(f"{setting}: {spoke.name!r} may reach the database only as a PostgreSQL client: "
+                                  "add it to postgres.clients (its password and the CA are outputs then)")
+            if target in seen:
+                raise ConfigError(f"{setting}: {target!r} is listed twice")
+            seen.append(target)
+        if pg_client and "postgres" not in seen:
+            seen.append("postgres")
+        out.append(dataclasses.replace(spoke, allow=tuple(seen)))
     return out
 
 

@@ -100,6 +100,9 @@ def parse(raw: Any, spokes: Mapping[str, SpokeConfig], secrets: Any = None) -> M
     if spokes[node].kind == "dstack":
         raise ConfigError(f"monitor.node: {node!r} is a dstack spoke; the monitor runs on an `ssh` or `droplet` "
                           "spoke (a dstack spoke is watched like any other)")
+    if spokes[node].kind == "client":
+        raise ConfigError(f"monitor.node: {node!r} is a client (a person's device); the monitor runs on an `ssh` or "
+                          "`droplet` spoke (a client may reach its page: spokes[].allow)")
     hub_metrics = raw.get("hubMetrics", False)
     _want("monitor.hubMetrics", hub_metrics, bool, "true or false")
     interval = _number("monitor.scrapeInterval", raw.get("scrapeInterval"), 15, 5, 300, "seconds")

@@ -10,6 +10,7 @@ import pulumi_digitalocean as do
 from .config import HUB_NAME, NetworkConfig
 from .hub import Hub
 from .keys import Key, NodeKey, ssh_public_key
+from .nodes import client
 from .nodes.dstack import DstackSpoke
 from . import spaces
 from .roles import backup, monitor, postgres
@@ -71,7 +72,7 @@ class Network(pulumi.ComponentResource):
         }, opts=child)
         self.hub_public_ip = self.hub.public_ip
 
-        over_ssh = [s for s in config.spokes if s.kind != "dstack"]  # `ssh` and `droplet` spokes
+        over_ssh = [s for s in config.hosts if s.kind != "dstack"]  # `ssh` and `droplet` spokes
         self.dstack_spokes = {
             s.name: DstackSpoke(s.name, {
                 "config": config, "spoke": s, "private_key": spoke_keys[s.name].private_key,
@@ -91,6 +92,13 @@ class Network(pulumi.ComponentResource):
                 "ssh_key_id": ssh_key_id, "tags": tags, "steps": steps, "secrets": role_secrets,
             }, opts=child)
             for s in over_ssh
+        }
+        # People's devices: nothing to run, a config each (secret), which the hub's peer step serves.
+        self.clients = {
+            s.name: client.outputs(config, s, spoke_keys[s.name].private_key,
+                                   psks[s.name].private_key if s.name in psks else None, hub_key.public_key,
+                                   self.hub.public_ip)
+            for s in config.clients
         }
         self.nodes = {HUB_NAME: {"address": config.hub.address, "public_key": hub_key.public_key}}
         for s in config.spokes:

@@ -182,6 +182,9 @@ def parse(raw: Any, spokes: Mapping[str, SpokeConfig], secrets: Mapping[str, Any
         if spokes[name].kind == "dstack":
             raise ConfigError(f"postgres.members[{i}]: {name!r} is a dstack spoke; the cluster's members are "
                               "`ssh` and `droplet` spokes for now (a dstack spoke can be a client)")
+        if spokes[name].kind == "client":
+            raise ConfigError(f"postgres.members[{i}]: {name!r} is a client (a person's device); the cluster's "
+                              "members are `ssh` and `droplet` spokes (list it in postgres.clients to connect)")
     version = raw.get("version")
     if version is None:
         raise ConfigError(f"postgres.version: required; one of {', '.join(map(str, VERSIONS))} (Debian 12 packages "

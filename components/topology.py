@@ -43,6 +43,55 @@ class OverlayLimit:
         assert self.proto in ("tcp", "udp"), self
 
 
+@dataclass(frozen=True)
+class ClientFlow:
+    """What a client (a person's device, kind `client`) may open on a node over the overlay: one
+    port, or (proto and port None) every port the node's overlay limits keep to no one else. The
+    hub forwards a client's new connections that match a flow and drops the rest, and forwards no
+    new connection to a client; each spoke's own ruleset says the same for its address."""
+    client: str
+    """the client's overlay address"""
+    node: str
+    """the node's overlay address, or EVERY_HOST (a role every spoke runs: the status page), so
+    that a new spoke changes no ruleset but its own and the hub's peers"""
+    proto: str | None = None
+    port: int | None = None
+
+    def to(self, node_address: str) -> bool:
+        return self.node in (node_address, EVERY_HOST)
+
+
+# ClientFlow.node (and a role's client_ports key) for every spoke that runs roles.
+EVERY_HOST = "*"
+
+
+def client_flows(cfg: NetworkConfig, role_ports: Mapping[str, Mapping[str, Sequence[tuple[str, int]]]]
+                 ) -> list[ClientFlow]:
+    """Every client's flows, from its `allow`: a node's name gives the whole node, a role's name
+    the ports the role serves clients on each of its nodes (role_ports: role -> node -> ports)."""
+    address = {s.name: s.address for s in cfg.hosts} | {EVERY_HOST: EVERY_HOST}
+    flows: list[ClientFlow] = []
+    for client in cfg.clients:
+        for target in client.allow:
+            if target in address and target != EVERY_HOST:
+                flows.append(ClientFlow(client.address, address[target]))
+            for node, ports in role_ports.get(target, {}).items():
+                flows += [ClientFlow(client.address, address[node], proto, port) for proto, port in ports]
+    return list(dict.fromkeys(flows))
+
+
+def admit_clients(limits: Sequence[OverlayLimit], flows: Sequence[ClientFlow], node_address: str
+                  ) -> list[OverlayLimit]:
+    """A node's overlay limits with the clients a flow of the very port lets in added (a whole-node
+    flow opens no limited port: the database, say, only for clients postgres.clients lists)."""
+    out = []
+    for limit in limits:
+        extra = tuple(f.client for f in flows if f.to(node_address) and (f.proto, f.port) == (limit.proto, limit.port)
+                      and f.client not in limit.addresses)
+        out.append(OverlayLimit(limit.proto, limit.port, limit.addresses + tuple(dict.fromkeys(extra))))
+    return out
+
+
 def split_cidrs(cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
     """CIDRs by family, for the nftables sets."""
     nets = [ipaddress.ip_network(c) for c in cidrs]

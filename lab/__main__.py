@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m lab", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "status", "down"])
     args = parser.parse_args(argv)
-    net = LabNetwork(monitor=True)
+    net = LabNetwork(monitor=True, clients=True)
     if args.command == "up":
         t0 = time.monotonic()
         try:

@@ -18,6 +18,7 @@ import yaml
 
 from . import cvm, objectstore
 from .cloud import Cloud
+from .device import Device
 from .engine import Result
 from .hosts import Host, Lab
 from .packages import DEFAULT_SUITE
@@ -34,18 +35,24 @@ SSH_SPOKE_SUITES = {"node-c": "trixie"}
 
 
 # The program's secret outputs: never written to the lab's outputs.json.
-SECRET_OUTPUTS = ("dstackEnv", "postgresPasswords")
+SECRET_OUTPUTS = ("dstackEnv", "postgresPasswords", "clients")
+# Where the lab's devices (the stack's clients) sit on the underlay: .60 up, by their order.
+DEVICE_FIRST_ADDRESS = 60
 # The lab stack's spokes that are there for its PostgreSQL cluster alone (its third member).
 POSTGRES_ONLY_SPOKES = ("node-e",)
 
 
-def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True, monitor: bool = False) -> dict[str, Any]:
+def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True, monitor: bool = False,
+                   clients: bool = False) -> dict[str, Any]:
     """The lab stack's settings; postgres=False: the network without its PostgreSQL cluster (no
     `postgres` setting, nor the spokes only the cluster needs), as the tests of the network itself
-    and its benchmarks run it; monitor=True: with its monitor (the command line and
-    tests/e2e/test_lab_monitor.py run it; the other tests and benchmarks do not)."""
+    and its benchmarks run it; monitor=True: with its monitor, clients=True: with its clients
+    (people's devices) (the command line and tests/e2e/test_lab_monitor.py run both; the other
+    tests and benchmarks do not)."""
     data = yaml.safe_load(Path(stack_file).read_text())["config"]
     settings = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(PROJECT + ":")}
+    if not clients:
+        settings["spokes"] = [s for s in settings.get("spokes", []) if s.get("kind") != "client"]
     if not postgres:
         settings.pop("postgres", None)
         settings["spokes"] = [s for s in settings.get("spokes", []) if s["name"] not in POSTGRES_ONLY_SPOKES]
@@ -56,12 +63,14 @@ def stack_settings(stack_file: Path = STACK_FILE, postgres: bool = True, monitor
 
 class LabNetwork:
     def __init__(self, lab_dir: str | Path | None = None, name: str = "dvl", stack_file: Path = STACK_FILE,
-                 log=print, postgres: bool = True, monitor: bool = False):
+                 log=print, postgres: bool = True, monitor: bool = False, clients: bool = False):
         self.lab = Lab(lab_dir, name)
         self.postgres = postgres
         """False: the network without its PostgreSQL cluster (stack_settings)"""
         self.monitor = monitor
         """True: with its monitor (stack_settings); the command line runs it, the tests where asked"""
+        self.clients = clients
+        """True: with its clients, each run by a device of the lab (lab/device.py) after `up`"""
         self.log = log
         self.stack_file = stack_file
         self.cloud = Cloud(self.lab, log=log)
@@ -92,7 +101,7 @@ class LabNetwork:
         return host
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
-        settings = {**stack_settings(self.stack_file, self.postgres, self.monitor), **overrides}
+        settings = {**stack_settings(self.stack_file, self.postgres, self.monitor, self.clients), **overrides}
         settings.setdefault("sshPrivateKey", self.deploy_key()[0])
         spokes = [dict(s) for s in settings.get("spokes", [])]
         lab_spokes = [s for s in spokes if s.get("kind") == "ssh" and s.get("host", "").startswith("198.51.100.")]
@@ -131,7 +140,27 @@ class LabNetwork:
         result = self.engine.up(self.settings(**overrides))
         self.save_outputs(result.outputs)
         self.run_dstack_apps(result.outputs)
+        if self.clients:
+            self.run_devices(result.outputs)
         return result
+
+    def device(self, name: str, index: int = 0) -> Device:
+        """The lab's device for client `name` (its namespace on the underlay at .60 + index)."""
+        return Device(self.lab, name, f"198.51.100.{DEVICE_FIRST_ADDRESS + index}")
+
+    def run_devices(self, outputs: dict) -> dict[str, Device]:
+        """What a person does with a client's output (README: Clients): wg-quick up with its config,
+        on a device of the lab's; a client that is gone takes its device with it."""
+        configs = {name: out["config"] for name, out in outputs.get("clients", {}).items()}
+        root = self.lab.state_dir / "devices"
+        for path in sorted(root.iterdir()) if root.exists() else []:
+            if path.name not in configs:
+                Device(self.lab, path.name, "").close()
+        devices = {}
+        for index, (name, text) in enumerate(sorted(configs.items())):
+            devices[name] = self.device(name, index)
+            devices[name].up(text)
+        return devices
 
     def run_dstack_apps(self, outputs: dict) -> None:
         """What a user does for each dstack spoke (README): run its app with its environment on

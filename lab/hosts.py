@@ -37,7 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import cvm, packages
+from . import cvm, device, packages
 from .disk import Disk
 from .machine import Machine, _cgroup_roots, _write_json
 from .objectstore import ObjectStore
@@ -278,6 +278,10 @@ class Lab(Underlay, HostilePaths):
                 ObjectStore(self).stop()
             except Exception as e:
                 errors.append(f"object store: {e}")
+            try:  # people's devices: their wireguard-go, by PID
+                device.close_all(self)
+            except Exception as e:
+                errors.append(f"devices: {e}")
             for host in hosts:  # all guests shut down in parallel
                 host._request_poweroff()
             for host in hosts:

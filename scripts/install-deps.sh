@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3 python3-venv python3-pip wireguard-tools nftables shellcheck iproute2 util-linux systemd openssh-client
+packages=(python3 python3-venv python3-pip wireguard-tools wireguard-go nftables shellcheck iproute2 util-linux systemd openssh-client
 	docker-compose v2ray patroni openssl postgresql-client pgbackrest prometheus prometheus-alertmanager chromium)
 missing=()
 for p in "${packages[@]}"; do

@@ -93,6 +93,16 @@ MUTATIONS = [
     Mutation("a spoke on a smaller path gets handshakes it can carry",
              "templates/nftables/hub.nft", "maxseg size set {{ clamp.mss }}\n\t\tiifname", "maxseg size set 1460\n\t\tiifname",
              ("tests/unit/test_transport.py::test_the_hub_clamps_the_mss_of_spokes_on_smaller_paths",)),
+    Mutation("a spoke takes from a client only what its allow opens",
+             "templates/nftables/spoke.nft", '\t\tiifname "{{ interface }}" ip saddr { {{ clients | join(", ") }} } drop\n', "",
+             ("tests/unit/test_client.py::test_the_rulesets_with_clients_load_and_keep_limited_ports",)),
+    Mutation("the hub forwards no new connection to a client",
+             "templates/nftables/hub.nft",
+             '\t\tiifname "{{ interface }}" oifname "{{ interface }}" ip daddr { {{ clients | join(", ") }} } drop\n', "",
+             ("tests/unit/test_client.py::test_the_rulesets_with_clients_load_and_keep_limited_ports",)),
+    Mutation("a client is no scrape target (it has no status service)",
+             "components/roles/monitor.py", "for s in cfg.hosts]\n    out = {", "for s in cfg.spokes]\n    out = {",
+             ("tests/unit/test_client.py::test_a_client_gets_no_step_and_no_machine",)),
 ]
 
 

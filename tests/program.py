@@ -218,6 +218,12 @@ def stack_config(stack_file: Path | str = ROOT / "Pulumi.dev.yaml", **overrides:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def host_spokes(stack_file: Path | str = ROOT / "Pulumi.dev.yaml") -> list[dict]:
+    """The stack file's spokes that run roles: its clients (people's devices) left out, as the tests
+    of the network alone run it (tests/unit/test_client.py has the clients)."""
+    return [s for s in stack_config(stack_file)["spokes"] if s.get("kind") != "client"]
+
+
 @dataclass
 class Run:
     registrations: list[Registration]

@@ -8,7 +8,7 @@ from pulumi_command import remote
 
 from .. import topology
 from ..config import HUB_NAME, NetworkConfig, SpokeConfig
-from ..roles import Node, Role, declared, hub_roles, node_packages, spoke_roles
+from ..roles import Node, Role, client_flows, declared, hub_roles, node_packages, spoke_roles
 from ..steps import Step, Target, run_steps
 
 
@@ -30,7 +30,8 @@ def spoke_node(cfg: NetworkConfig, spoke: SpokeConfig, secrets=None, **keys) -> 
     node = Node(cfg, spoke.name, spoke.address, spoke.kind, spoke, metadata_service=spoke.kind == "droplet",
                 secrets=dict(secrets or {}), **keys)
     node.openings = openings(node, spoke_roles(), ssh_port=spoke.port)
-    node.overlay_limits = [limit for role in spoke_roles() for limit in role.overlay_limits(node)]
+    limits = [limit for role in spoke_roles() for limit in role.overlay_limits(node)]
+    node.overlay_limits = topology.admit_clients(limits, client_flows(cfg), spoke.address) if cfg.clients else limits
     return node
 
 

@@ -9,6 +9,8 @@ A role declares, in its module:
   naming what it waits for on another node (`after`);
 - `compose(node)`: its part of a dstack spoke's app (variables of the compose file);
 - `overlay_limits(node)`: ports on the overlay only some spokes may reach (topology.OverlayLimit);
+- `client_ports(cfg)`: the ports it serves clients (people's devices) on, by node: what a client
+  whose `allow` names the role may open there (topology.ClientFlow);
 - `preinstall(node)`: files the install step writes before apt runs (a package's own settings);
 - `on_dstack`: whether a dstack spoke runs it (a role without a compose part says no).
 
@@ -25,7 +27,8 @@ import pulumi
 
 from ..config import NetworkConfig, SpokeConfig
 from ..steps import Step
-from ..topology import Opening, OverlayLimit
+from .. import topology
+from ..topology import ClientFlow, Opening, OverlayLimit
 
 
 @dataclass
@@ -86,6 +89,11 @@ class Role:
     def overlay_limits(self, node: Node) -> list[OverlayLimit]:
         return []
 
+    def client_ports(self, cfg: NetworkConfig) -> dict[str, list[tuple[str, int]]]:
+        """node name -> (proto, port) a client allowed this role may open there (config's
+        CLIENT_TARGET_ROLES are the roles that have any)."""
+        return {}
+
     def preinstall(self, node: Node) -> dict[str, str]:
         """path -> content, written by the install step before apt installs anything (and removed
         by its undo)."""
@@ -111,6 +119,11 @@ def spoke_roles() -> list[Role]:
 
 def all_roles() -> list[Role]:
     return list({id(r): r for r in hub_roles() + spoke_roles()}.values())
+
+
+def client_flows(cfg: NetworkConfig) -> list[ClientFlow]:
+    """Every client's flows (topology.client_flows), from the ports the spoke roles serve clients on."""
+    return topology.client_flows(cfg, {r.name: r.client_ports(cfg) for r in spoke_roles()})
 
 
 def declared(roles: Sequence[Role], what: str = "packages") -> list[str]:

@@ -2,17 +2,31 @@
 
 On a host: /etc/dstack-vpn/firewall.nft, checked and swapped in atomically by a remote step and
 reloaded at boot by dstack-vpn-firewall.service. The hub routes spoke to spoke and originates
-nothing on the overlay; a spoke accepts other spokes over the overlay and never the hub. On a
+nothing on the overlay; a spoke accepts other spokes over the overlay and never the hub. Clients
+(people's devices) open only their flows (topology.ClientFlow), which the hub and the spoke both
+check, and nothing opens a connection to a client. On a
 dstack spoke the table governs the overlay only (the rest of a CVM is dstack's).
 """
 from __future__ import annotations
 
 from .. import render, topology
 from ..steps import Step
-from . import Node, Role, wireguard
+from . import Node, Role, client_flows, wireguard
 
 RULES_DIR = "/etc/dstack-vpn"
 RULES_PATH = RULES_DIR + "/firewall.nft"
+
+
+def client_values(node: Node) -> dict:
+    """Where there are clients: their addresses, and the flows they may open (the hub's: all of
+    them; a spoke's: those to its own address). Absent otherwise: a ruleset deployed before
+    clients existed sees no change."""
+    cfg = node.cfg
+    if not cfg.clients:
+        return {}
+    flows = client_flows(cfg)
+    return dict(clients=[c.address for c in cfg.clients],
+                client_flows=flows if node.is_hub else [f for f in flows if f.to(node.address)])
 
 
 def values(node: Node) -> dict:
@@ -23,13 +37,14 @@ def values(node: Node) -> dict:
                   interface=cfg.interface, block_metadata=node.metadata_service, public=sets["public"])
     if node.is_hub:
         from . import monitor
-        hub = dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay, mss_clamps=wireguard.mss_clamps(node))
+        hub = dict(common, listen_port=cfg.listen_port, overlay=cfg.overlay, mss_clamps=wireguard.mss_clamps(node),
+                   **client_values(node))
         if monitor.hub_metrics(cfg):  # (absent otherwise: a hub deployed before the monitor sees no change)
             hub.update(monitor_address=monitor.monitor_address(cfg), status_port=cfg.status_port)
         return hub
     status = {k: sets[k] for k in ("status_port", "status_v4", "status_v6") if k in sets}
     return dict(common, hub_address=cfg.hub.address, overlay=cfg.overlay, overlay_limits=node.overlay_limits,
-                **status)
+                **status, **client_values(node))
 
 
 def step_values() -> dict:
@@ -39,7 +54,7 @@ def step_values() -> dict:
 
 def dstack_values(node: Node) -> dict:
     cfg = node.cfg
-    return dict(interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay)
+    return dict(interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay, **client_values(node))
 
 
 class Firewall(Role):

@@ -78,10 +78,10 @@ def node_roles(cfg: NetworkConfig, name: str) -> list[str]:
 
 
 def targets(cfg: NetworkConfig) -> dict[str, list[dict]]:
-    """Scrape targets by job: every spoke's status service, the hub's (hubMetrics), Patroni and the
-    exporter on the members; each labelled with its node, kind and roles."""
+    """Scrape targets by job: every spoke's status service (clients have none), the hub's
+    (hubMetrics), Patroni and the exporter on the members; each labelled with its node, kind and roles."""
     spokes = [dict(node=s.name, address=s.address, kind=s.kind, roles=",".join(node_roles(cfg, s.name)))
-              for s in cfg.spokes]
+              for s in cfg.hosts]
     out = {"status": [dict(t, target=f"{t['address']}:{cfg.status_port}") for t in spokes]}
     if hub_metrics(cfg):
         out["hub"] = [dict(node=HUB_NAME, address=cfg.hub.address, kind="hub", roles="",
@@ -95,11 +95,12 @@ def targets(cfg: NetworkConfig) -> dict[str, list[dict]]:
 
 def peer_keys(cfg: NetworkConfig, public_keys: dict) -> Optional[pulumi.Output]:
     """What the monitor step needs made by the program: each spoke's name and WireGuard public key
-    (the hub's metrics name a peer by its key); None without a monitor."""
+    (the hub's metrics name a peer by its key), and whether it is a client (kind="client": out of
+    the handshake alert, a laptop is often away); None without a monitor."""
     if mon(cfg) is None:
         return None
     return pulumi.Output.all(*[pulumi.Output.from_input(public_keys[s.name]).apply(
-        lambda k, n=s.name: {"name": n, "public_key": k}) for s in cfg.spokes])
+        lambda k, s=s: {"name": s.name, "public_key": k, "client": s.kind == "client"}) for s in cfg.spokes])
 
 
 def prometheus_config(cfg: NetworkConfig, peers: list[dict]) -> str:
@@ -108,7 +109,8 @@ def prometheus_config(cfg: NetworkConfig, peers: list[dict]) -> str:
     return render.render("monitor/prometheus.yml", interval=m.scrape_interval, targets=targets(cfg),
                          address=monitor_address(cfg), prometheus_port=PROMETHEUS_PORT,
                          alertmanager_port=ALERTMANAGER_PORT,
-                         peers=[dict(name=p["name"], regex=re.escape(p["public_key"])) for p in peers])
+                         peers=[dict(name=p["name"], regex=re.escape(p["public_key"]), client=p.get("client", False))
+                                for p in peers])
 
 
 def rules(cfg: NetworkConfig) -> str:
@@ -165,6 +167,9 @@ class Monitor(Role):
         if exporter_on(node):
             limits.append(topology.OverlayLimit("tcp", EXPORTER_PORT, (monitor_address(node.cfg),)))
         return limits
+
+    def client_ports(self, cfg: NetworkConfig) -> dict[str, list[tuple[str, int]]]:
+        return {} if mon(cfg) is None else {mon(cfg).node: [("tcp", PROMETHEUS_PORT)]}
 
     def steps(self, node: Node) -> list[Step]:
         if node.is_hub:

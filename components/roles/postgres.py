@@ -225,6 +225,11 @@ class Postgres(Role):
         return {NO_MAIN_CLUSTER: "# dstack-vpn: Patroni makes this host's cluster; no 'main' cluster\n"
                                  "create_main_cluster = false\n"}
 
+    def client_ports(self, cfg: NetworkConfig) -> dict[str, list[tuple[str, int]]]:
+        """5432 on every member, for the clients postgres.clients lists (config keeps `postgres`
+        out of any other client's allow)."""
+        return {} if cfg.postgres is None else {m: [("tcp", PG_PORT)] for m in cfg.postgres.members}
+
     def overlay_limits(self, node: Node) -> list[topology.OverlayLimit]:
         """On a member: the cluster's ports for members alone, 5432 for clients too."""
         if not is_member(node):

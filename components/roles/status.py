@@ -42,6 +42,9 @@ class Status(Role):
             return []
         return [Step("status", values(node), render.status_program(), after=("wireguard",))]
 
+    def client_ports(self, cfg) -> dict[str, list[tuple[str, int]]]:
+        return {topology.EVERY_HOST: [("tcp", cfg.status_port)]}
+
     def compose(self, node: Node) -> dict:
         return {"DSTACK_VPN_STATUS_PORT": str(node.cfg.status_port)}
 

@@ -8,16 +8,16 @@ from conftest import need_root
 
 
 @contextlib.contextmanager
-def lab_network(name: str, postgres: bool = False, monitor: bool = False):
+def lab_network(name: str, postgres: bool = False, monitor: bool = False, clients: bool = False):
     """A lab network called `name`, prepared: what a crashed run of that name left is removed
     first, and every host and namespace goes at the end, on failure too. Without the lab stack's
-    PostgreSQL cluster and its monitor unless asked (lab.example.stack_settings)."""
+    PostgreSQL cluster, its monitor and its clients unless asked (lab.example.stack_settings)."""
     need_root("the lab")
     from lab.example import LabNetwork
     from lab.hosts import Lab
 
     Lab(name=name).cleanup_stale()  # before the network reads its (stale) engine state
-    network = LabNetwork(name=name, log=lambda *_: None, postgres=postgres, monitor=monitor)
+    network = LabNetwork(name=name, log=lambda *_: None, postgres=postgres, monitor=monitor, clients=clients)
     try:
         network.lab.prepare()
         yield network

@@ -227,7 +227,9 @@ def test_example_stack_file_is_valid_once_the_key_is_set():
     cfg = config.parse({k: v if isinstance(v, str) else json.dumps(v)
                         for k, v in program.stack_config(sshPrivateKey=SSH_KEY).items()})
     assert [(s.name, s.address, s.kind) for s in cfg.spokes] == [
-        ("node-a", "10.88.0.11", "droplet"), ("node-b", "10.88.0.12", "ssh"), ("node-c", "10.88.0.13", "ssh")]
+        ("node-a", "10.88.0.11", "droplet"), ("node-b", "10.88.0.12", "ssh"), ("node-c", "10.88.0.13", "ssh"),
+        ("laptop", "10.88.0.50", "client")]
+    assert cfg.clients[0].allow == ("status", "monitor", "postgres")
     # and without the key it says exactly what is missing
     with pytest.raises(ConfigError, match="sshPrivateKey"):
         config.parse({k: v if isinstance(v, str) else json.dumps(v) for k, v in program.stack_config().items()})

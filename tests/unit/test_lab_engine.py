@@ -70,9 +70,10 @@ def lab(tmp_path):
 
 
 def settings(**overrides):
-    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it) and its
-    monitor (tests/unit/test_monitor.py)."""
-    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, "monitor": None, **overrides})
+    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it), its
+    monitor (tests/unit/test_monitor.py) and its clients (tests/unit/test_client.py)."""
+    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, "monitor": None,
+                                                          "spokes": program.host_spokes(), **overrides})
 
 
 STEPS = ("install", "forwarding", "firewall", "wireguard", "status")
@@ -99,7 +100,7 @@ def test_add_a_spoke_runs_its_steps_and_the_hub_peer_step_only(lab):
     engine, rec = lab
     engine.up(settings())
     rec.calls.clear()
-    spokes = program.stack_config()["spokes"] + [{"name": "node-d", "kind": "ssh", "host": "198.51.100.30",
+    spokes = program.host_spokes() + [{"name": "node-d", "kind": "ssh", "host": "198.51.100.30",
                                                    "allowUnknownHostKey": True}]
     engine.up(settings(spokes=spokes))
     assert commands(rec.calls) == ["hub-wireguard", "node-d-firewall", "node-d-install", "node-d-status",
@@ -111,7 +112,7 @@ def test_remove_a_spoke_undoes_its_steps_in_reverse_order(lab):
     engine, rec = lab
     engine.up(settings())
     rec.calls.clear()
-    engine.up(settings(spokes=program.stack_config()["spokes"][:2]))
+    engine.up(settings(spokes=program.host_spokes()[:2]))
     deletes = [n for o, n in rec.calls if o == "delete"]
     assert deletes.index("node-c-wireguard") < deletes.index("node-c-firewall") < deletes.index("node-c-install")
     assert ("update", "hub-wireguard") in rec.calls
@@ -122,7 +123,7 @@ def test_rotation_replaces_the_key_and_reruns_two_steps(lab):
     engine, rec = lab
     engine.up(settings())
     rec.calls.clear()
-    spokes = program.stack_config()["spokes"]
+    spokes = program.host_spokes()
     spokes[1]["keyRotation"] = 1
     engine.up(settings(spokes=spokes))
     assert ("create", "node-b-wg-key") in rec.calls and ("delete", "node-b-wg-key") in rec.calls
@@ -133,7 +134,7 @@ def test_replaced_droplet_reruns_its_steps_undoing_nothing_on_the_old_one(lab):
     engine, rec = lab
     engine.up(settings())
     rec.calls.clear()
-    spokes = program.stack_config()["spokes"]
+    spokes = program.host_spokes()
     spokes[0]["image"] = "ubuntu-24-04-x64"  # node-a keeps its image
     engine.up(settings(spokes=spokes))
     rec.calls.clear()
@@ -181,7 +182,7 @@ def test_bad_config_touches_nothing(lab):
     engine, rec = lab
     engine.up(settings())
     rec.calls.clear()
-    spokes = program.stack_config()["spokes"]
+    spokes = program.host_spokes()
     spokes[2]["address"] = spokes[1]["address"]
     with pytest.raises(EngineError, match="already used"):
         engine.up(settings(spokes=spokes))

@@ -220,6 +220,8 @@ RULE_TESTS = {
         # one view old, the other fresh: the tunnel lives (the newest handshake counts)
         ('dstack_vpn_peer_last_handshake_age_seconds{job="hub",node="node-e",public_key="e"}', "900x20"),
         ('dstack_vpn_peer_last_handshake_age_seconds{job="status",node="node-e",public_key="h"}', "20x20"),
+        # a client (a laptop) away for hours: no alert, it comes and goes
+        ('dstack_vpn_peer_last_handshake_age_seconds{job="hub",node="laptop",kind="client",public_key="l"}', "9000x20"),
     ]), [
         _alert("DstackVpnNoHandshake", "30s"),
         _alert("DstackVpnNoHandshake", "2m", ({"severity": "critical", "node": "node-b"},

@@ -14,9 +14,10 @@ DROPLET = "digitalocean:index/droplet:Droplet"
 
 
 def settings(**overrides):
-    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it) and its
-    monitor (tests/unit/test_monitor.py)."""
-    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, "monitor": None, **overrides})
+    """The dev stack without its PostgreSQL cluster (tests/unit/test_postgres.py has it), its
+    monitor (tests/unit/test_monitor.py) and its clients (tests/unit/test_client.py)."""
+    return program.stack_config(sshPrivateKey=SSH_KEY, **{"postgres": None, "monitor": None,
+                                                          "spokes": program.host_spokes(), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_no_secret_in_any_plain_input_or_output(example):
 def test_no_command_text_carries_a_secret_marked_or_not():
     """A command's text reaches `bash -c` on the host (and sudo's journal line, and an error's
     message) whether Pulumi marks it secret or not: secrets go on stdin or in the environment."""
-    spokes = program.stack_config()["spokes"] + [
+    spokes = program.host_spokes() + [
         {"name": "node-d", "kind": "dstack", "phala": {"instanceType": "tdx.small"}, "containerImage": program.SPOKE_IMAGE}]
     run = program.run(settings(spokes=spokes, phalaApiKey="phak_never_in_a_command"))
     secrets = secret_texts(run) | {"phak_never_in_a_command"}
@@ -239,7 +240,7 @@ def test_two_runs_record_identical_inputs():
 
 def test_adding_a_spoke_changes_only_its_resources_and_the_hub_peer_step():
     before = inputs_by_urn(program.run(settings(), seed="add"))
-    spokes = program.stack_config()["spokes"] + [{"name": "node-d", "kind": "droplet"}]
+    spokes = program.host_spokes() + [{"name": "node-d", "kind": "droplet"}]
     after = inputs_by_urn(program.run(settings(spokes=spokes), seed="add"))
     changed = sorted(u.split("::")[-1] for u in before if before[u] != after.get(u))
     assert changed == ["hub-wireguard"]
@@ -249,7 +250,7 @@ def test_adding_a_spoke_changes_only_its_resources_and_the_hub_peer_step():
 
 def test_rotating_one_key_touches_that_spoke_and_the_hub_only():
     before = inputs_by_urn(program.run(settings(), seed="rot"))
-    spokes = program.stack_config()["spokes"]
+    spokes = program.host_spokes()
     spokes[1]["keyRotation"] = 1
     after = inputs_by_urn(program.run(settings(spokes=spokes), seed="rot"))
     changed = sorted(u.split("::")[-1] for u in before if before[u] != after.get(u))
@@ -273,7 +274,7 @@ def test_a_spoke_tunnel_comes_up_after_the_hub_knows_the_spoke(example):
 def test_an_unchecked_host_key_warns_that_keys_go_over_that_connection(monkeypatch):
     warnings = []
     monkeypatch.setattr(pulumi.log, "warn", lambda msg, *a, **k: warnings.append(msg))
-    spokes = program.stack_config()["spokes"]
+    spokes = program.host_spokes()
     del spokes[1]["hostKey"]
     spokes[1]["allowUnknownHostKey"] = True
     program.run(settings(spokes=spokes))
