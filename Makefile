@@ -8,7 +8,7 @@ deps:
 	./scripts/install-deps.sh
 
 test: deps
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=25 tests
 
 lab: deps
 	.venv/bin/python -m lab up

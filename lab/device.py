@@ -55,8 +55,12 @@ class Device:
                 self.lab._plug(self.ns, self.veth, self.address)
 
     def up(self, config: str) -> None:
-        """wg-quick up with `config` (the program's output), replacing what ran before."""
+        """wg-quick up with `config` (the program's output), replacing what ran before; the same
+        config as the one running leaves the interface alone (a person does not re-import it)."""
         self.plug()
+        if (self.conf_path.exists() and self.conf_path.read_text() == config
+                and self.exec(["ip", "link", "show", self.interface]).returncode == 0):
+            return
         self.down()
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
