@@ -29,7 +29,7 @@ def config(cfg: NetworkConfig, spoke: SpokeConfig, private_key: str, preshared_k
            hub_public_key: str, hub_endpoint: str) -> str:
     """The device's wg-quick config: its key and address, the hub as its one peer for the overlay."""
     path = spoke.mtu or cfg.mtu
-    return render.render("wireguard/client.conf", name=spoke.name, private_key=private_key, address=spoke.address,
+    return render.render("wireguard/client.conf", private_key=private_key, address=spoke.address,
                          mtu=None if path is None else path - wireguard.WIREGUARD_OVERHEAD,
                          hub_public_key=hub_public_key, preshared_key=preshared_key,
                          endpoint=f"{hub_endpoint}:{cfg.listen_port}", overlay=cfg.overlay)

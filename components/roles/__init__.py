@@ -90,8 +90,8 @@ class Role:
         return []
 
     def client_ports(self, cfg: NetworkConfig) -> dict[str, list[tuple[str, int]]]:
-        """node name -> (proto, port) a client allowed this role may open there (config's
-        CLIENT_TARGET_ROLES are the roles that have any)."""
+        """node name (topology.EVERY_HOST: every spoke) -> (proto, port) a client allowed this
+        role may open there (config's CLIENT_TARGET_ROLES are the roles that have any)."""
         return {}
 
     def preinstall(self, node: Node) -> dict[str, str]:

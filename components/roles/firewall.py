@@ -4,8 +4,9 @@ On a host: /etc/dstack-vpn/firewall.nft, checked and swapped in atomically by a 
 reloaded at boot by dstack-vpn-firewall.service. The hub routes spoke to spoke and originates
 nothing on the overlay; a spoke accepts other spokes over the overlay and never the hub. Clients
 (people's devices) open only their flows (topology.ClientFlow), which the hub and the spoke both
-check, and nothing opens a connection to a client. On a
-dstack spoke the table governs the overlay only (the rest of a CVM is dstack's).
+check, and nothing opens a connection to a client. On a dstack spoke the table governs the
+overlay only (the rest of a CVM is dstack's), and knows no client: its compose file is the app's
+measured configuration, which a laptop joining must not change; the hub checks clients' flows to it.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def step_values() -> dict:
 
 def dstack_values(node: Node) -> dict:
     cfg = node.cfg
-    return dict(interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay, **client_values(node))
+    return dict(interface=cfg.interface, hub_address=cfg.hub.address, overlay=cfg.overlay)
 
 
 class Firewall(Role):
